@@ -1,8 +1,9 @@
-"""The errors users see, and the entry-point pattern that shows them (DESIGN "Errors and output files").
+"""The errors users see and the entry-point pattern that shows them (DESIGN "Errors and output
+files").
 
-Every failure a user can cause raises a ``BossaError`` whose message is one line that names the file,
-key or shape at fault and says what to do. Entry points run through :func:`run_cli`, which prints that
-line to stderr and exits non-zero; ``--debug`` shows the traceback instead.
+Every failure a user can cause raises a ``BossaError`` whose message is one line that names the
+file, key or shape at fault and says what to do. Entry points run through :func:`run_cli`, which
+prints that line to stderr and exits non-zero; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations

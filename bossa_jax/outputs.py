@@ -1,5 +1,5 @@
-"""Atomic output files: written under a temporary name and renamed into place (DESIGN "Errors and
-output files"), so a crash or an error never leaves a half-written MIDI, WAV, array or checkpoint."""
+"""Atomic output files (DESIGN "Errors and output files"): written under a temporary name and
+renamed into place, so a crash never leaves a half-written MIDI, WAV, array or checkpoint."""
 
 from __future__ import annotations
 

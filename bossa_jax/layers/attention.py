@@ -1,0 +1,150 @@
+"""Softmax multi-head attention through ``jax.nn.dot_product_attention`` with an optional
+functional KV cache (DESIGN "Attention").
+
+Masked keys get a large finite negative inside ``jax.nn.dot_product_attention`` (never -inf), so a
+fully masked row averages instead of becoming NaN. Layout is (batch, length, heads, head_dim).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bossa_jax.layers.linear import Linear, default_kernel_init
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Projected keys and values of the positions seen so far; ``length`` of them are valid."""
+
+    key: jax.Array  # (B, max_length, H, D)
+    value: jax.Array  # (B, max_length, H, D)
+    length: jax.Array  # () int32
+
+    @classmethod
+    def empty(
+        cls, batch: int, max_length: int, heads: int, head_dim: int, dtype: jnp.dtype = jnp.float32
+    ) -> KVCache:
+        zeros = jnp.zeros((batch, max_length, heads, head_dim), dtype)
+        return cls(zeros, zeros, jnp.zeros((), jnp.int32))
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """q (B,T,H,D), k/v (B,S,H,D); ``mask`` bool broadcastable to (B,H,T,S), True = attend."""
+    if (
+        implementation is None
+        and jax.default_backend() == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and bias is None
+    ):
+        implementation = "cudnn"
+    try:
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            bias=bias,
+            mask=mask,
+            is_causal=is_causal,
+            scale=scale,
+            implementation=implementation,
+        )
+    except (ValueError, NotImplementedError):
+        if implementation != "cudnn":
+            raise
+        return jax.nn.dot_product_attention(
+            q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale, implementation="xla"
+        )
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with q/k/v/out projections (``kv_features`` for cross-attention)."""
+
+    def __init__(
+        self,
+        features: int,
+        num_heads: int,
+        *,
+        kv_features: int | None = None,
+        head_dim: int | None = None,
+        use_bias: bool = True,
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        kv_axis: str = "embed",
+        kernel_init=default_kernel_init,
+        rngs: nnx.Rngs,
+    ):
+        self.num_heads = num_heads
+        self.head_dim = head_dim or features // num_heads
+        inner = self.num_heads * self.head_dim
+        kv_features = kv_features or features
+        common = dict(
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=kernel_init,
+            rngs=rngs,
+        )
+        self.q_proj = Linear(features, inner, axes=("embed", "qkv"), **common)
+        self.k_proj = Linear(kv_features, inner, axes=(kv_axis, "qkv"), **common)
+        self.v_proj = Linear(kv_features, inner, axes=(kv_axis, "qkv"), **common)
+        self.out_proj = Linear(inner, features, axes=("qkv", "embed"), **common)
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+
+    def project_kv(self, kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self._heads(self.k_proj(kv)), self._heads(self.v_proj(kv))
+
+    def __call__(
+        self,
+        x: jax.Array,
+        kv: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        bias: jax.Array | None = None,
+        is_causal: bool = False,
+        cache: KVCache | None = None,
+        past: tuple[jax.Array, jax.Array] | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Returns (output, updated cache). ``past`` prepends already projected (k, v) (BLIP-2's
+        cached query keys); ``cache`` appends this call's keys to a running decode cache."""
+        q = self._heads(self.q_proj(x))
+        k, v = self.project_kv(x if kv is None else kv)
+        if past is not None:
+            k = jnp.concatenate([past[0].astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([past[1].astype(v.dtype), v], axis=1)
+        if cache is not None:
+            start = cache.length
+            key = jax.lax.dynamic_update_slice_in_dim(
+                cache.key, k.astype(cache.key.dtype), start, axis=1
+            )
+            value = jax.lax.dynamic_update_slice_in_dim(
+                cache.value, v.astype(cache.value.dtype), start, axis=1
+            )
+            cache = KVCache(key, value, start + x.shape[1])
+            q_pos = start + jnp.arange(x.shape[1])
+            k_pos = jnp.arange(key.shape[1])
+            visible = k_pos[None, :] < cache.length
+            if is_causal:
+                visible = visible & (k_pos[None, :] <= q_pos[:, None])
+            visible = visible[None, None]
+            mask = visible if mask is None else mask & visible
+            k, v, is_causal = key.astype(q.dtype), value.astype(q.dtype), False
+        out = dot_product_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal)
+        out = out.reshape(*out.shape[:-2], self.num_heads * self.head_dim)
+        return self.out_proj(out), cache
