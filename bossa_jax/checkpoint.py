@@ -1,0 +1,99 @@
+"""Converted-model checkpoints: a module's parameters as an orbax checkpoint plus the config that
+builds it (DESIGN "Converters", "Checkpoints"). Written atomically; restored into an abstract
+target so a shape mismatch is reported by name instead of failing deep inside orbax.
+
+Training state (optimizer, rng, data iterator) lives in ``bossa_jax.train.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import yaml
+from flax import nnx
+
+from bossa_jax.errors import CheckpointError, one_line
+from bossa_jax.outputs import atomic_output
+
+M = TypeVar("M", bound=nnx.Module)
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.yaml"
+
+
+def save_module(path: str | os.PathLike, module: nnx.Module, config: dict[str, Any]) -> Path:
+    """Writes ``module``'s parameters and ``config`` (plain data) to directory ``path``."""
+    state = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+    with atomic_output(path) as tmp:
+        tmp.mkdir()
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save((tmp / PARAMS_DIR).absolute(), state)
+    return Path(path)
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    config = Path(path) / CONFIG_FILE
+    if not config.is_file():
+        raise CheckpointError(f"{path}: not a bossa-jax checkpoint (no {CONFIG_FILE})")
+    return yaml.safe_load(config.read_text()) or {}
+
+
+def load_module(path: str | os.PathLike, ctor: Callable[[], M]) -> M:
+    """Restores parameters saved by :func:`save_module` into the module ``ctor()`` builds.
+
+    The module is created abstractly (no allocation); shapes are compared by name first.
+    """
+    path = Path(path)
+    params_dir = (path / PARAMS_DIR).absolute()
+    if not params_dir.is_dir():
+        raise CheckpointError(f"{path}: not a bossa-jax checkpoint (no {PARAMS_DIR}/)")
+    abstract = nnx.eval_shape(ctor)
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    target = nnx.to_pure_dict(params)
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            meta = ckptr.metadata(params_dir)
+            stored = getattr(meta, "item_metadata", meta)
+            stored = getattr(stored, "tree", stored)
+            _compare_shapes(target, stored, str(path))
+            restored = ckptr.restore(params_dir, target)
+        except CheckpointError:
+            raise
+        except Exception as err:
+            raise CheckpointError(
+                f"{path}: cannot restore parameters ({one_line(str(err))[:300]})"
+            ) from None
+    nnx.replace_by_pure_dict(params, restored)
+    rest = jax.tree.map(
+        lambda x: jax.numpy.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x,
+        rest,
+    )
+    return nnx.merge(graphdef, params, rest)
+
+
+def _compare_shapes(target: Any, stored: Any, source: str) -> None:
+    flat_t = {
+        jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(target)[0]
+    }
+    flat_s = {
+        jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]
+    }
+    missing = sorted(set(flat_t) - set(flat_s))
+    unexpected = sorted(set(flat_s) - set(flat_t))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: parameters missing {missing[:6]}, unexpected {unexpected[:6]}"
+        )
+    for key, t in flat_t.items():
+        s_shape = tuple(getattr(flat_s[key], "shape", np.shape(flat_s[key])))
+        if tuple(t.shape) != s_shape:
+            raise CheckpointError(
+                f"{source}: shape mismatch for '{key}': model expects "
+                f"{tuple(t.shape)}, checkpoint has {s_shape}"
+            )

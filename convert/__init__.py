@@ -1,0 +1,1 @@
+"""One converter per source checkpoint (DESIGN "Converters"): ``python -m convert.<name>``."""

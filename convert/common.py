@@ -1,0 +1,232 @@
+"""What every converter shares (DESIGN "Converters"): safe reading of upstream checkpoints, one
+explicit name table per model, shape checks that name the key, and reports of missing and
+unexpected keys.
+
+Pickled checkpoints (``.pt``/``.bin``/``.ckpt``) are read with ``torch.load(weights_only=True)``
+and only the globals in :data:`PICKLE_ALLOWLIST` (what fairseq and audiocraft pickle besides
+tensors); anything else is refused with a CheckpointError, never unpickled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import pathlib
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from bossa_jax.errors import CheckpointError, one_line
+
+# (module, name) pairs that may appear in a trusted-format pickle beside tensors.
+PICKLE_ALLOWLIST: tuple[tuple[str, str], ...] = (
+    ("argparse", "Namespace"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+)
+
+Tensors = dict[str, np.ndarray]
+# A rule maps one Flax parameter path to the source key(s) and how to turn them into the value.
+Transform = Callable[..., np.ndarray]
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return (
+            value.detach().to(torch.float32 if value.is_floating_point() else value.dtype).numpy()
+        )
+    return np.asarray(value)
+
+
+def _torch_load(path: Path) -> Any:
+    import torch
+
+    safe = [argparse.Namespace, collections.OrderedDict, pathlib.PosixPath, pathlib.WindowsPath]
+    try:
+        with torch.serialization.safe_globals(safe):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError / RuntimeError with long texts
+        text = one_line(str(err))
+        if "Unsupported global" in text or "weights_only" in text.lower():
+            glob = (
+                text.split("GLOBAL", 1)[-1].split(" was not")[0].strip() if "GLOBAL" in text else ""
+            )
+            raise CheckpointError(
+                f"{path}: refusing to unpickle a disallowed object {glob}".rstrip()
+                + " (only tensors and "
+                + ", ".join(f"{m}.{n}" for m, n in PICKLE_ALLOWLIST)
+                + " are allowed)"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({text[:200]})") from None
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> Tensors:
+    out: Tensors = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        elif hasattr(value, "shape"):
+            out[name] = _to_numpy(value)
+    return out
+
+
+def load_state_dict(
+    source: str | Path | Mapping[str, Any], *, subkey: str | None = None
+) -> Tensors:
+    """Reads tensors from a state dict, a ``.safetensors`` file, an HF directory (config.json +
+    safetensors or pytorch_model.bin, sharded or not) or a pickled ``.pt``/``.bin`` checkpoint.
+
+    ``subkey`` picks a nested dict inside a pickle (e.g. fairseq's ``"model"``, audiocraft's
+    ``"best_state"``) when present.
+    """
+    if isinstance(source, Mapping):
+        tree: Any = source
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        if path.is_dir():
+            files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+            if not files:
+                raise CheckpointError(f"{path}: no *.safetensors or pytorch_model*.bin inside")
+            tensors: Tensors = {}
+            for f in files:
+                tensors.update(load_state_dict(f, subkey=subkey))
+            return tensors
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: empty file")
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            try:
+                return dict(load_file(str(path)))
+            except Exception as err:
+                # bf16 tensors cannot be read by the numpy backend: go through torch
+                try:
+                    from safetensors.torch import load_file as load_torch
+
+                    return {k: _to_numpy(v) for k, v in load_torch(str(path)).items()}
+                except Exception:
+                    raise CheckpointError(
+                        f"{path}: not a readable safetensors file ({one_line(str(err))[:200]})"
+                    ) from None
+        tree = _torch_load(path)
+    if subkey is not None and isinstance(tree, Mapping) and subkey in tree:
+        tree = tree[subkey]
+    if not isinstance(tree, Mapping):
+        raise CheckpointError(f"{source}: expected a state dict, found {type(tree).__name__}")
+    return flatten(tree)
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        return json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config}: not valid JSON ({err})") from None
+
+
+def param_paths(module: nnx.Module) -> dict[str, nnx.Variable]:
+    """Flax parameters by dotted path (``blocks.fc1.kernel``)."""
+    return {
+        ".".join(str(p) for p in path): var
+        for path, var in nnx.iter_graph(module)
+        if isinstance(var, nnx.Param)
+    }
+
+
+def fill(
+    module: nnx.Module,
+    values: Mapping[str, np.ndarray],
+    *,
+    source: str,
+    cast: Any = None,
+) -> None:
+    """Writes ``values`` (Flax dotted path -> array) into ``module``'s parameters.
+
+    Every parameter must receive a value of exactly its shape; a mismatch names the parameter,
+    the expected and the found shape; parameters left without a value are listed by name.
+    """
+    params = param_paths(module)
+    unknown = sorted(set(values) - set(params))
+    if unknown:
+        raise CheckpointError(f"{source}: converter produced unknown parameters {unknown[:8]}")
+    for name, var in params.items():
+        if name not in values:
+            continue
+        value = np.asarray(values[name])
+        if value.shape != var.shape:
+            raise CheckpointError(
+                f"{source}: shape mismatch for '{name}': expected {tuple(var.shape)}, "
+                f"found {tuple(value.shape)}"
+            )
+        var.set_value(np.asarray(value, dtype=cast or var.dtype))
+    missing = sorted(set(params) - set(values))
+    if missing:
+        raise CheckpointError(
+            f"{source}: no value for parameters {missing[:8]}"
+            + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        )
+
+
+def check_keys(
+    tensors: Mapping[str, np.ndarray],
+    used: Iterable[str],
+    *,
+    source: str,
+    ignore_prefixes: Iterable[str] = (),
+    ignore_suffixes: Iterable[str] = (),
+) -> None:
+    """Raises when source keys are neither used nor deliberately ignored (by prefix/suffix)."""
+    used = set(used)
+    ignore_prefixes, ignore_suffixes = tuple(ignore_prefixes), tuple(ignore_suffixes)
+    unexpected = sorted(
+        k
+        for k in tensors
+        if k not in used and not k.startswith(ignore_prefixes) and not k.endswith(ignore_suffixes)
+    )
+    if unexpected:
+        more = f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""
+        raise CheckpointError(f"{source}: unexpected keys {unexpected[:8]}{more}")
+
+
+class TensorReader:
+    """Hands out source tensors by key, recording which were used, so leftovers can be reported.
+
+    A missing key raises a CheckpointError naming it.
+    """
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], source: str):
+        self.tensors = tensors
+        self.source = source
+        self.used: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def __call__(self, key: str) -> np.ndarray:
+        if key not in self.tensors:
+            raise CheckpointError(f"{self.source}: missing key '{key}'")
+        self.used.add(key)
+        return self.tensors[key]
+
+    def check_unused(
+        self, ignore_prefixes: Iterable[str] = (), ignore_suffixes: Iterable[str] = ()
+    ):
+        check_keys(
+            self.tensors,
+            self.used,
+            source=self.source,
+            ignore_prefixes=ignore_prefixes,
+            ignore_suffixes=ignore_suffixes,
+        )
