@@ -1,0 +1,17 @@
+"""Built-in demo assets for the README quick start (issue 2); ``make_assets.py`` regenerates them.
+
+* ``DEMO_LEADSHEET``: a 16-bar two-track lead sheet (track 0 melody, track 1 block chords), 4/4,
+  112 bpm, an original tune.
+* ``DEMO_STYLE``: about 26 s of original music (piano, bass, strings, drums) at 32 kHz mono, Ogg
+  Vorbis: a style reference, and real music for the EnCodec parity test.
+* ``DEMO_STYLE_MIDI``: the score that ``DEMO_STYLE`` was rendered from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parent
+DEMO_LEADSHEET = ASSETS_DIR / "demo_leadsheet.mid"
+DEMO_STYLE = ASSETS_DIR / "demo_style.ogg"
+DEMO_STYLE_MIDI = ASSETS_DIR / "demo_style.mid"
