@@ -35,11 +35,11 @@ class Linear(nnx.Module):
         self.dtype = dtype
         self.kernel = nnx.Param(
             kernel_init(rngs.params(), (in_features, out_features), param_dtype),
-            sharding_names=axes,
+            out_sharding=axes,
         )
         self.bias = (
             nnx.Param(
-                bias_init(rngs.params(), (out_features,), param_dtype), sharding_names=(axes[1],)
+                bias_init(rngs.params(), (out_features,), param_dtype), out_sharding=(axes[1],)
             )
             if use_bias
             else None
@@ -72,7 +72,7 @@ class Embed(nnx.Module):
         self.dtype = dtype or param_dtype
         self.embedding = nnx.Param(
             embedding_init(rngs.params(), (num_embeddings, features), param_dtype),
-            sharding_names=axes,
+            out_sharding=axes,
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:

@@ -21,9 +21,9 @@ class LayerNorm(nnx.Module):
     ):
         del rngs  # deterministic init: scale 1, bias 0
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((features,), param_dtype), sharding_names=(axis_name,))
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype), out_sharding=(axis_name,))
         self.bias = (
-            nnx.Param(jnp.zeros((features,), param_dtype), sharding_names=(axis_name,))
+            nnx.Param(jnp.zeros((features,), param_dtype), out_sharding=(axis_name,))
             if use_bias
             else None
         )

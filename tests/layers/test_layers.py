@@ -1,0 +1,151 @@
+"""Shared layers against PyTorch/HF references (issue 2 item 5)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from bossa_jax.layers import (
+    MLP,
+    Attention,
+    KVCache,
+    LayerNorm,
+    Linear,
+    fairseq_position_ids,
+    fairseq_positions,
+    musicgen_positions,
+)
+
+
+def test_musicgen_positions_match_hf():
+    from transformers.models.musicgen.modeling_musicgen import (
+        MusicgenSinusoidalPositionalEmbedding,
+    )
+
+    ref = MusicgenSinusoidalPositionalEmbedding(600, 64)
+    ids = torch.zeros(1, 4, 512, dtype=torch.long)
+    expected = ref(ids).numpy()
+    got = np.asarray(musicgen_positions(512, 64))
+    # fp32 sin/cos of angles near 500 rad differ by ~1 ulp (3e-5) between libraries
+    np.testing.assert_allclose(got, expected.reshape(512, 64), atol=1e-4)
+    # cos half first, no offset
+    np.testing.assert_allclose(got[0, :32], 1.0)
+    np.testing.assert_allclose(got[0, 32:], 0.0)
+
+
+def _fairseq_reference(tokens: torch.Tensor, dim: int, padding_idx: int) -> torch.Tensor:
+    """fairseq SinusoidalPositionalEmbedding as SPEC 4.5 describes it (sin half first)."""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float) * -(math.log(10000) / (half - 1)))
+    n = 8194
+    table = torch.arange(n, dtype=torch.float).unsqueeze(1) * freq.unsqueeze(0)
+    table = torch.cat([torch.sin(table), torch.cos(table)], dim=1)
+    table[padding_idx] = 0
+    mask = tokens.ne(padding_idx).int()
+    positions = (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + padding_idx
+    return table[positions]
+
+
+def test_fairseq_positions_match_reference():
+    tokens = torch.tensor([[5, 7, 9, 1, 1], [4, 1, 6, 8, 3]])
+    expected = _fairseq_reference(tokens, 16, padding_idx=1).numpy()
+    ids = fairseq_position_ids(jnp.asarray(tokens.numpy()), 1)
+    np.testing.assert_array_equal(np.asarray(ids), [[2, 3, 4, 1, 1], [2, 1, 3, 4, 5]])
+    got = np.asarray(fairseq_positions(ids, 16, 1))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.all(got[0, 3:] == 0)  # pad rows are zero
+
+
+def test_layernorm_fp32_statistics():
+    ln = LayerNorm(8, eps=1e-5)
+    x = jax.random.normal(jax.random.key(0), (3, 8)) * 100 + 1000
+    ref = torch.nn.functional.layer_norm(torch.tensor(np.asarray(x)), (8,), eps=1e-5).numpy()
+    np.testing.assert_allclose(np.asarray(ln(x)), ref, atol=1e-4)
+    y = ln(x.astype(jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16
+
+
+def _torch_mha(attn: Attention, x: np.ndarray, causal: bool, key_mask=None) -> np.ndarray:
+    def w(lin: Linear):
+        return torch.tensor(np.asarray(lin.kernel[...])), torch.tensor(np.asarray(lin.bias[...]))
+
+    xt = torch.tensor(x)
+    b, t, _ = xt.shape
+    h, d = attn.num_heads, attn.head_dim
+
+    def proj(lin):
+        k, bias = w(lin)
+        return (xt @ k + bias).view(b, t, h, d).transpose(1, 2)
+
+    q, k, v = proj(attn.q_proj), proj(attn.k_proj), proj(attn.v_proj)
+    mask = None
+    if key_mask is not None:
+        mask = torch.tensor(key_mask)[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal
+    )
+    out = out.transpose(1, 2).reshape(b, t, h * d)
+    ko, bo = w(attn.out_proj)
+    return (out @ ko + bo).numpy()
+
+
+def test_attention_matches_torch_sdpa():
+    attn = Attention(16, 4, rngs=nnx.Rngs(0))
+    x = np.asarray(jax.random.normal(jax.random.key(1), (2, 7, 16)))
+    for causal in (False, True):
+        got, _ = attn(jnp.asarray(x), is_causal=causal)
+        np.testing.assert_allclose(np.asarray(got), _torch_mha(attn, x, causal), atol=1e-5)
+    key_mask = np.ones((2, 7), bool)
+    key_mask[1, 4:] = False
+    got, _ = attn(jnp.asarray(x), mask=jnp.asarray(key_mask)[:, None, None, :])
+    np.testing.assert_allclose(np.asarray(got), _torch_mha(attn, x, False, key_mask), atol=1e-5)
+
+
+def test_fully_masked_row_is_finite():
+    attn = Attention(16, 4, rngs=nnx.Rngs(0))
+    x = jnp.ones((1, 3, 16))
+    out, _ = attn(x, mask=jnp.zeros((1, 1, 1, 3), bool))
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_kv_cache_decoding_equals_full_pass():
+    attn = Attention(16, 4, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (2, 6, 16))
+    full, _ = attn(x, is_causal=True)
+    cache = KVCache.empty(2, 10, 4, 4)
+    prefix, cache = attn(x[:, :3], is_causal=True, cache=cache)
+    steps = [prefix]
+    for i in range(3, 6):
+        y, cache = jax.jit(lambda a, x, c: a(x, is_causal=True, cache=c))(
+            attn, x[:, i : i + 1], cache
+        )
+        steps.append(y)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, 1)), np.asarray(full), atol=1e-5)
+    assert int(cache.length) == 6
+
+
+def test_cross_attention_and_past_keys():
+    attn = Attention(16, 4, kv_features=8, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (2, 3, 16))
+    kv = jax.random.normal(jax.random.key(4), (2, 5, 8))
+    out, _ = attn(x, kv)
+    assert out.shape == (2, 3, 16)
+    # past keys/values prepend: equal to attending over the concatenation
+    self_attn = Attention(16, 4, rngs=nnx.Rngs(1))
+    both = jax.random.normal(jax.random.key(5), (2, 5, 16))
+    full, _ = self_attn(both)
+    past = self_attn.project_kv(both[:, :2])
+    tail, _ = self_attn(both[:, 2:], past=past)
+    np.testing.assert_allclose(np.asarray(tail), np.asarray(full[:, 2:]), atol=1e-5)
+
+
+def test_mlp_matches_torch_gelu():
+    mlp = MLP(8, 16, rngs=nnx.Rngs(0))
+    x = np.asarray(jax.random.normal(jax.random.key(6), (3, 8)))
+    k1, b1 = np.asarray(mlp.fc1.kernel[...]), np.asarray(mlp.fc1.bias[...])
+    k2, b2 = np.asarray(mlp.fc2.kernel[...]), np.asarray(mlp.fc2.bias[...])
+    h = torch.nn.GELU()(torch.tensor(x @ k1 + b1)).numpy()
+    np.testing.assert_allclose(np.asarray(mlp(jnp.asarray(x))), h @ k2 + b2, atol=1e-5)
