@@ -1,0 +1,392 @@
+"""MusicGen decoder -> bossa-jax ``MusicgenFeatures`` checkpoint (SPEC 1.2-1.3; DESIGN "Converters")
+
+Sources:
+
+* HF ``MusicgenForConditionalGeneration`` (keys under ``decoder.model.decoder.``; what BOSSA loads
+  from ``facebook/musicgen-large``), ``MusicgenForCausalLM`` (``model.decoder.``) or
+  ``MusicgenModel`` (``decoder.``): a directory (config.json + safetensors / pytorch_model.bin) or
+  a state dict. The text encoder, the audio encoder, ``enc_to_dec_proj``, the LM heads, the
+  cross-attention weights (they add exactly zero in BOSSA, SPEC 1.2) and blocks >= ``keep_layers``
+  are ignored; any other key is reported as unexpected.
+* audiocraft's LM state dict (``state_dict.bin`` of the audiocraft MusicGen releases, tensors under
+  ``best_state``): ``emb.K`` -> embedding tables, ``transformer.layers.N.self_attn.in_proj_weight``
+  (fused q, k, v rows) -> q/k/v, ``out_proj``, ``linear1``/``linear2`` -> FFN, ``norm1``/``norm2``
+  -> the two block LayerNorms, ``out_norm`` -> the final LayerNorm. audiocraft's
+  ``create_sin_embedding`` is the same cos-first sinusoid as HF's (``10000 ** (-i / (d/2 - 1))``)
+  and MusicGen uses ``positional_scale`` 1, so no position parameter is converted.
+  ``cross_attention.*``, ``norm_cross``, ``linears.K`` (output heads), ``condition_provider.*`` and
+  ``fuser.*`` are ignored. The file holds no head count; it defaults to ``hidden_size // 64``
+  (true of every MusicGen size) and can be given with ``--num-heads``.
+
+Every Flax parameter must receive a value of exactly its shape (a mismatch names the key); source
+keys neither used nor deliberately ignored are reported by name. :func:`to_hf_state_dict` exports
+back to the HF layout for round trips.
+
+Command: ``python -m convert.musicgen SRC OUT [--keep-layers 25] [--format auto|hf|audiocraft]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bossa_jax import checkpoint
+from bossa_jax.config import MusicgenConfig, build
+from bossa_jax.errors import CheckpointError, ConfigError, run_cli
+from bossa_jax.models.musicgen import MusicgenFeatures
+from convert.common import TensorReader, fill, load_state_dict, read_hf_config
+
+HF_PREFIXES = ("decoder.model.decoder.", "model.decoder.", "decoder.", "")
+# HF modules outside the decoder body that BOSSA's features never use.
+HF_IGNORED = (
+    "text_encoder.",
+    "audio_encoder.",
+    "enc_to_dec_proj.",
+    "decoder.lm_heads.",
+    "lm_heads.",
+)
+AUDIOCRAFT_IGNORED = ("linears.", "condition_provider.", "fuser.")
+DEFAULT_HEAD_DIM = 64
+
+# (Flax path inside one stacked block, HF name inside ``layers.N.``, is a kernel (transpose))
+HF_BLOCK_TABLE: tuple[tuple[str, str, bool], ...] = (
+    ("self_attn.q_proj.kernel", "self_attn.q_proj.weight", True),
+    ("self_attn.k_proj.kernel", "self_attn.k_proj.weight", True),
+    ("self_attn.v_proj.kernel", "self_attn.v_proj.weight", True),
+    ("self_attn.out_proj.kernel", "self_attn.out_proj.weight", True),
+    ("self_attn_layer_norm.scale", "self_attn_layer_norm.weight", False),
+    ("self_attn_layer_norm.bias", "self_attn_layer_norm.bias", False),
+    ("mlp.fc1.kernel", "fc1.weight", True),
+    ("mlp.fc2.kernel", "fc2.weight", True),
+    ("final_layer_norm.scale", "final_layer_norm.weight", False),
+    ("final_layer_norm.bias", "final_layer_norm.bias", False),
+)
+AUDIOCRAFT_BLOCK_TABLE: tuple[tuple[str, str, bool], ...] = (
+    ("self_attn.out_proj.kernel", "self_attn.out_proj.weight", True),
+    ("self_attn_layer_norm.scale", "norm1.weight", False),
+    ("self_attn_layer_norm.bias", "norm1.bias", False),
+    ("mlp.fc1.kernel", "linear1.weight", True),
+    ("mlp.fc2.kernel", "linear2.weight", True),
+    ("final_layer_norm.scale", "norm2.weight", False),
+    ("final_layer_norm.bias", "norm2.bias", False),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout detection and configs
+
+
+def detect_format(tensors: Mapping[str, np.ndarray]) -> str:
+    """'hf' or 'audiocraft' from the key names."""
+    if "emb.0.weight" in tensors and any(k.startswith("transformer.layers.") for k in tensors):
+        return "audiocraft"
+    if hf_prefix(tensors, source="state dict") is not None:
+        return "hf"
+    raise CheckpointError(
+        "checkpoint is neither an HF MusicGen (…decoder.embed_tokens.0.weight) nor an audiocraft "
+        "LM (emb.0.weight, transformer.layers.*) state dict"
+    )
+
+
+def hf_prefix(tensors: Mapping[str, np.ndarray], *, source: str) -> str | None:
+    for prefix in HF_PREFIXES:
+        if f"{prefix}embed_tokens.0.weight" in tensors:
+            return prefix
+    return None
+
+
+def _layer_count(tensors: Mapping[str, np.ndarray], pattern: str) -> int:
+    regex = re.compile(pattern)
+    found = {int(m.group(1)) for k in tensors if (m := regex.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def _shape(tensors: Mapping[str, np.ndarray], key: str, source: str) -> tuple[int, ...]:
+    if key not in tensors:
+        raise CheckpointError(f"{source}: missing key '{key}'")
+    return tuple(tensors[key].shape)
+
+
+def config_from_tensors(
+    tensors: Mapping[str, np.ndarray],
+    fmt: str,
+    *,
+    keep_layers: int,
+    num_heads: int | None,
+    dtype: str,
+    source: str,
+) -> MusicgenConfig:
+    """Sizes read off the tensors (used when no config.json is at hand)."""
+    if fmt == "hf":
+        prefix = hf_prefix(tensors, source=source) or ""
+        rows, hidden = _shape(tensors, f"{prefix}embed_tokens.0.weight", source)
+        ffn = _shape(tensors, f"{prefix}layers.0.fc1.weight", source)[0]
+        layers = _layer_count(tensors, re.escape(prefix) + r"layers\.(\d+)\.")
+        codebooks = _layer_count(tensors, re.escape(prefix) + r"embed_tokens\.(\d+)\.")
+    else:
+        rows, hidden = _shape(tensors, "emb.0.weight", source)
+        ffn = _shape(tensors, "transformer.layers.0.linear1.weight", source)[0]
+        layers = _layer_count(tensors, r"transformer\.layers\.(\d+)\.")
+        codebooks = _layer_count(tensors, r"emb\.(\d+)\.")
+    return _make_config(
+        source,
+        hidden_size=hidden,
+        num_attention_heads=num_heads or max(1, hidden // DEFAULT_HEAD_DIM),
+        ffn_dim=ffn,
+        num_codebooks=codebooks,
+        vocab_size=rows - 1,
+        num_hidden_layers=layers,
+        keep_layers=keep_layers,
+        dtype=dtype,
+    )
+
+
+def config_from_hf(
+    hf_config: Mapping[str, Any], *, keep_layers: int, dtype: str, source: str
+) -> MusicgenConfig:
+    """MusicgenConfig from an HF config.json (its ``decoder`` section for the composite model)."""
+    dec = hf_config.get("decoder", hf_config)
+    try:
+        return _make_config(
+            source,
+            hidden_size=int(dec["hidden_size"]),
+            num_attention_heads=int(dec["num_attention_heads"]),
+            ffn_dim=int(dec["ffn_dim"]),
+            num_codebooks=int(dec.get("num_codebooks", 4)),
+            vocab_size=int(dec["vocab_size"]),
+            num_hidden_layers=int(dec["num_hidden_layers"]),
+            max_position_embeddings=int(dec.get("max_position_embeddings", 2048)),
+            keep_layers=keep_layers,
+            dtype=dtype,
+        )
+    except KeyError as err:
+        raise CheckpointError(f"{source}: config.json has no decoder key {err}") from None
+
+
+def _make_config(source: str, **fields: Any) -> MusicgenConfig:
+    cfg = MusicgenConfig(**fields)
+    try:
+        cfg.validate("musicgen")
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Name tables
+
+
+def _stack(per_layer: list[np.ndarray]) -> np.ndarray:
+    return np.stack(per_layer, axis=0)
+
+
+def hf_to_flax(
+    tensors: Mapping[str, np.ndarray], cfg: MusicgenConfig, *, source: str
+) -> dict[str, np.ndarray]:
+    """HF decoder tensors -> Flax dotted paths (first ``keep_layers`` blocks); reports leftovers."""
+    prefix = hf_prefix(tensors, source=source)
+    if prefix is None:
+        raise CheckpointError(f"{source}: no MusicGen decoder embeddings (…embed_tokens.0.weight)")
+    read = TensorReader(tensors, source)
+    out: dict[str, np.ndarray] = {}
+    for q in range(cfg.num_codebooks):
+        out[f"embed_tokens.{q}.embedding"] = read(f"{prefix}embed_tokens.{q}.weight")
+    for flax_name, hf_name, kernel in HF_BLOCK_TABLE:
+        per_layer = []
+        for i in range(cfg.keep_layers):
+            value = read(f"{prefix}layers.{i}.{hf_name}")
+            per_layer.append(value.T if kernel else value)
+        out[f"layers.{flax_name}"] = _stack(per_layer)
+    out["layer_norm.scale"] = read(f"{prefix}layer_norm.weight")
+    out["layer_norm.bias"] = read(f"{prefix}layer_norm.bias")
+    ignored = [p for p in HF_IGNORED if prefix != "" or p != "decoder."]
+    ignored += [f"{prefix}layers.{i}.encoder_attn" for i in range(cfg.keep_layers)]
+    ignored += [f"{prefix}layers.{i}." for i in range(cfg.keep_layers, cfg.num_hidden_layers)]
+    # non-persistent in HF; present in some older exports
+    read.check_unused(ignore_prefixes=ignored, ignore_suffixes=("embed_positions.weights",))
+    return out
+
+
+def audiocraft_to_flax(
+    tensors: Mapping[str, np.ndarray], cfg: MusicgenConfig, *, source: str
+) -> dict[str, np.ndarray]:
+    """audiocraft LM tensors -> Flax dotted paths (first ``keep_layers`` blocks)."""
+    read = TensorReader(tensors, source)
+    d = cfg.hidden_size
+    out: dict[str, np.ndarray] = {}
+    for q in range(cfg.num_codebooks):
+        out[f"embed_tokens.{q}.embedding"] = read(f"emb.{q}.weight")
+    qkv: dict[str, list[np.ndarray]] = {"q_proj": [], "k_proj": [], "v_proj": []}
+    for i in range(cfg.keep_layers):
+        key = f"transformer.layers.{i}.self_attn.in_proj_weight"
+        fused = read(key)
+        if fused.shape != (3 * d, d):
+            raise CheckpointError(
+                f"{source}: shape mismatch for '{key}': expected {(3 * d, d)}, "
+                f"found {tuple(fused.shape)}"
+            )
+        for j, name in enumerate(qkv):
+            qkv[name].append(fused[j * d : (j + 1) * d].T)
+    for name, per_layer in qkv.items():
+        out[f"layers.self_attn.{name}.kernel"] = _stack(per_layer)
+    for flax_name, ac_name, kernel in AUDIOCRAFT_BLOCK_TABLE:
+        per_layer = []
+        for i in range(cfg.keep_layers):
+            value = read(f"transformer.layers.{i}.{ac_name}")
+            per_layer.append(value.T if kernel else value)
+        out[f"layers.{flax_name}"] = _stack(per_layer)
+    out["layer_norm.scale"] = read("out_norm.weight")
+    out["layer_norm.bias"] = read("out_norm.bias")
+    ignored = list(AUDIOCRAFT_IGNORED)
+    for i in range(cfg.keep_layers):
+        ignored += [
+            f"transformer.layers.{i}.cross_attention.",
+            f"transformer.layers.{i}.norm_cross.",
+        ]
+    ignored += [f"transformer.layers.{i}." for i in range(cfg.keep_layers, cfg.num_hidden_layers)]
+    read.check_unused(ignore_prefixes=ignored)
+    return out
+
+
+def to_hf_state_dict(
+    model: MusicgenFeatures, prefix: str = "decoder.model.decoder."
+) -> dict[str, np.ndarray]:
+    """The kept decoder in HF layout (fp32 numpy), e.g. to ``load_state_dict(strict=False)`` into
+    a truncated HF model: cross-attention weights and LM heads are not part of it."""
+    params = {
+        ".".join(str(p) for p in path): np.asarray(var[...], np.float32)
+        for path, var in nnx.iter_graph(model)
+        if isinstance(var, nnx.Param)
+    }
+    out: dict[str, np.ndarray] = {}
+    for q in range(model.cfg.num_codebooks):
+        out[f"{prefix}embed_tokens.{q}.weight"] = params[f"embed_tokens.{q}.embedding"]
+    for flax_name, hf_name, kernel in HF_BLOCK_TABLE:
+        stacked = params[f"layers.{flax_name}"]
+        for i in range(stacked.shape[0]):
+            value = stacked[i]
+            out[f"{prefix}layers.{i}.{hf_name}"] = np.ascontiguousarray(
+                value.T if kernel else value
+            )
+    out[f"{prefix}layer_norm.weight"] = params["layer_norm.scale"]
+    out[f"{prefix}layer_norm.bias"] = params["layer_norm.bias"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def convert_musicgen(
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    keep_layers: int = 25,
+    fmt: str = "auto",
+    num_heads: int | None = None,
+    dtype: str = "float32",
+    hf_config: Mapping[str, Any] | None = None,
+) -> MusicgenFeatures:
+    """Builds a :class:`MusicgenFeatures` holding the source's first ``keep_layers`` blocks.
+
+    ``source`` is an HF directory, a checkpoint file or an in-memory state dict; ``hf_config`` (or
+    the directory's config.json) gives the sizes, otherwise they are read off the tensors.
+    """
+    if fmt not in ("auto", "hf", "audiocraft"):
+        raise CheckpointError(f"unknown source format {fmt!r} (auto, hf or audiocraft)")
+    name = "state dict" if isinstance(source, Mapping) else str(source)
+    tensors = load_state_dict(source, subkey="best_state")
+    fmt = detect_format(tensors) if fmt == "auto" else fmt
+    if hf_config is None and not isinstance(source, Mapping) and Path(source).is_dir():
+        hf_config = read_hf_config(source)
+    if fmt == "hf" and hf_config is not None:
+        cfg = config_from_hf(hf_config, keep_layers=keep_layers, dtype=dtype, source=name)
+    else:
+        cfg = config_from_tensors(
+            tensors, fmt, keep_layers=keep_layers, num_heads=num_heads, dtype=dtype, source=name
+        )
+    values = (hf_to_flax if fmt == "hf" else audiocraft_to_flax)(tensors, cfg, source=name)
+    model = nnx.eval_shape(lambda: MusicgenFeatures(cfg, rngs=nnx.Rngs(0)))
+    _materialise(model)
+    fill(model, values, source=name)
+    return model
+
+
+def _materialise(model: nnx.Module) -> None:
+    """Gives an abstract module zero-filled parameters (``fill`` overwrites every one of them)."""
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Variable):
+            value = var.get_value()
+            if hasattr(value, "shape") and hasattr(value, "dtype"):
+                var.set_value(jnp.zeros(value.shape, value.dtype))
+
+
+def save_musicgen(path: str | os.PathLike, model: MusicgenFeatures) -> Path:
+    return checkpoint.save_module(path, model, {"musicgen": dataclasses.asdict(model.cfg)})
+
+
+def load_musicgen(
+    path: str | os.PathLike, *, dtype: str | None = None, keep_layers: int | None = None
+) -> MusicgenFeatures:
+    """Restores a checkpoint written by this converter (``dtype`` overrides the stored one)."""
+    stored = checkpoint.read_config(path)
+    if not isinstance(stored.get("musicgen"), Mapping):
+        raise CheckpointError(f"{path}: not a MusicGen checkpoint (no 'musicgen' config section)")
+    cfg = build(MusicgenConfig, stored["musicgen"], "musicgen")
+    if keep_layers is not None and keep_layers != cfg.keep_layers:
+        raise CheckpointError(
+            f"{path}: holds {cfg.keep_layers} MusicGen blocks, but {keep_layers} are configured"
+        )
+    model = checkpoint.load_module(path, lambda: MusicgenFeatures(cfg, rngs=nnx.Rngs(0)))
+    if dtype is not None and dtype != cfg.dtype:
+        cast = dataclasses.replace(cfg, dtype=dtype)
+        cast.validate("musicgen")
+        target = nnx.eval_shape(lambda: MusicgenFeatures(cast, rngs=nnx.Rngs(0)))
+        _materialise(target)
+        source = {
+            ".".join(str(p) for p in k): v[...]
+            for k, v in nnx.iter_graph(model)
+            if isinstance(v, nnx.Param)
+        }
+        fill(target, source, source=str(path))
+        model = target
+    return model
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m convert.musicgen", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("src", help="HF directory, .safetensors/.bin/.pt file (HF or audiocraft)")
+    parser.add_argument("out", help="output bossa-jax checkpoint directory")
+    parser.add_argument("--keep-layers", type=int, default=25, help="blocks to keep (SPEC 1.3: 25)")
+    parser.add_argument("--format", choices=("auto", "hf", "audiocraft"), default="auto")
+    parser.add_argument("--num-heads", type=int, default=None, help="audiocraft only")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    args = parser.parse_args(argv)
+    model = convert_musicgen(
+        args.src,
+        keep_layers=args.keep_layers,
+        fmt=args.format,
+        num_heads=args.num_heads,
+        dtype=args.dtype,
+    )
+    save_musicgen(args.out, model)
+    cfg = model.cfg
+    print(
+        f"wrote {args.out}: MusicGen {cfg.keep_layers}/{cfg.num_hidden_layers} blocks, "
+        f"d={cfg.hidden_size}, {cfg.num_attention_heads} heads, ffn {cfg.ffn_dim}, {cfg.dtype}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
