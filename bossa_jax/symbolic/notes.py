@@ -267,7 +267,8 @@ class BeatGrid:
         ``pitches`` are the values to store (drums already at 128 + pitch); the pitch filter
         6 <= p < 122 applies to the sounding pitch (p - 128 for drums). Notes before the first
         downbeat are dropped. ``snapped_onsets`` stores the grid time instead of the raw onset
-        (PIAST chord notes do this). ``drop_zero_length`` drops notes of 0 ticks (PIAST chords).
+        and reads the tempo there (PIAST chord notes do this). ``drop_zero_length`` drops notes of
+        0 ticks (PIAST chords).
         """
         onsets = np.asarray(onsets, dtype=np.float64)
         offsets = np.asarray(offsets, dtype=np.float64)
@@ -286,6 +287,7 @@ class BeatGrid:
         bar = self.beat_bar[beat]
         keep &= bar >= 0
         pos = (self.beat_in_bar[beat] - 1) * TICKS_PER_BEAT + start % TICKS_PER_BEAT
+        times = self.tick_times[start] if snapped_onsets else onsets
         events = np.stack(
             [
                 bar,
@@ -295,11 +297,10 @@ class BeatGrid:
                 duration_code(dur),
                 velocity_code(velocities),
                 _BEATS_TS_CODE[self.beat_ts[beat]],
-                tempo_code(self.tempo.qpm_at_seconds(onsets)),
+                tempo_code(self.tempo.qpm_at_seconds(times)),
             ],
             axis=1,
         )
-        times = self.tick_times[start] if snapped_onsets else onsets
         return NoteTable(events[keep], times[keep]).sorted()
 
 

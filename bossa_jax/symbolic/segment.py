@@ -1,0 +1,154 @@
+"""4-bar training windows, their audio clips, and transposition (SPEC 1.1, 6.3, 6.4, 6.5, 10.12).
+
+Windows (official ``AudioSymbolicDataset.load_data``): for downbeat index idx = 0, 2, 4, ...
+< len(downbeats) - 4, stop when downbeat idx+4 lies beyond the audio (int(t * 50) > frames) or
+beyond the last arrangement onset; the window's bars are [b0, b0 + 4) where b0 is the bar of the
+first arrangement note with onset >= downbeat[idx]; windows with no arrangement or no lead-sheet
+note are skipped.
+
+Audio clip: centre frame = round(((t_start + t_end) * 50) // 2) with t_start/t_end the downbeats
+idx and idx+4; clip = frames [centre - 254, centre + 254). By default the clip is CLAMPED into the
+file, as at inference (fixes SPEC 10.12: the official training loader wraps a negative start and
+usually gets an empty clip); audio shorter than 508 frames gives start 0 and its whole length, to be
+right-padded with code 2048 (:func:`pad_codes`). ``clamp=False`` reproduces the official slice.
+
+Transposition: one integer shift per draw, uniform in [-6, +5], applied to the arrangement (drums,
+instrument 128, excluded) and the lead sheet; the audio is untouched. Tables are copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bossa_jax.symbolic.notes import BAR, DRUM_INSTRUMENT, INSTRUMENT, PITCH, NoteTable, Song
+
+FRAME_RATE = 50
+CLIP_FRAMES = 508  # 10.16 s
+PATTERN_STEPS = 4  # MusicGen delay pattern adds 4 steps: masks have 512 positions
+CODE_PAD = 2048
+WINDOW_BARS = 4
+HOP_BARS = 2
+TRANSPOSE_MIN, TRANSPOSE_MAX = -6, 5
+
+
+@dataclass(frozen=True)
+class Window:
+    """One training window: bars [start_bar, start_bar + 4), its notes and its audio clip."""
+
+    downbeat_index: int
+    start_bar: int
+    t_start: float
+    t_end: float
+    clip_start: int  # first audio frame
+    clip_frames: int  # valid frames (508 unless the audio is shorter)
+    arrangement: NoteTable
+    leadsheet: NoteTable
+
+    @property
+    def bar_range(self) -> tuple[int, int]:
+        return self.start_bar, self.start_bar + WINDOW_BARS
+
+    @property
+    def clip_centre(self) -> int:
+        return clip_centre(self.t_start, self.t_end)
+
+
+def clip_centre(t_start: float, t_end: float) -> int:
+    """The official centre frame round(((t_start + t_end) * 50) // 2)."""
+    return int(round(((t_start + t_end) * FRAME_RATE) // 2))
+
+
+def clip_frames(
+    t_start: float, t_end: float, n_frames: int | None, *, clamp: bool = True
+) -> tuple[int, int]:
+    """(first frame, number of valid frames) of the 508-frame clip centred on [t_start, t_end).
+
+    ``clamp``: shifted into [0, n_frames) like inference; whole file when it is shorter than 508
+    frames. Otherwise the official training slice ``codes[:, c-254 : min(c+254, T)]`` with Python's
+    wrap-around of a negative start. ``n_frames=None``: no audio known, the start clamped at 0.
+    """
+    centre = clip_centre(t_start, t_end)
+    start, end = centre - CLIP_FRAMES // 2, centre + CLIP_FRAMES // 2
+    if n_frames is None:
+        return max(start, 0), CLIP_FRAMES
+    if clamp:
+        if n_frames <= CLIP_FRAMES:
+            return 0, n_frames
+        if start < 0:
+            return 0, CLIP_FRAMES
+        if end > n_frames:
+            return n_frames - CLIP_FRAMES, CLIP_FRAMES
+        return start, CLIP_FRAMES
+    s, e, _ = slice(start, min(end, n_frames)).indices(n_frames)
+    return s, max(0, e - s)
+
+
+def pad_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A clip of codes (4, L <= 508) -> (codes (4, 508) right-padded with 2048, mask (512,) float32
+    with zeros on the last 508 - L positions) (SPEC 1.1, 6.5)."""
+    codes = np.asarray(codes)
+    length = codes.shape[1]
+    if length > CLIP_FRAMES:
+        codes, length = codes[:, :CLIP_FRAMES], CLIP_FRAMES
+    pad = CLIP_FRAMES - length
+    out = np.pad(codes, ((0, 0), (0, pad)), constant_values=CODE_PAD)
+    mask = np.ones(CLIP_FRAMES + PATTERN_STEPS, dtype=np.float32)
+    if pad:
+        mask[-pad:] = 0
+    return out, mask
+
+
+def segment_song(
+    song: Song,
+    n_frames: int | None = None,
+    *,
+    clamp: bool = True,
+    bars: int = WINDOW_BARS,
+    hop: int = HOP_BARS,
+) -> list[Window]:
+    """The song's windows (see the module docstring). ``n_frames``: length of its audio codes at
+    50 Hz (None: no audio check, clip start only clamped at 0)."""
+    db = np.asarray(song.downbeat_times, dtype=np.float64)
+    arr, ls = song.arrangement, song.leadsheet
+    if len(arr) == 0:
+        return []
+    last_onset = float(arr.onsets.max())
+    windows = []
+    for idx in range(0, len(db) - bars, hop):
+        t0, t1 = float(db[idx]), float(db[idx + bars])
+        if n_frames is not None and int(t1 * FRAME_RATE) > n_frames:
+            break
+        if t1 > last_onset:
+            break
+        after = np.flatnonzero(arr.onsets >= t0)
+        first = after[np.lexsort((arr.events[after, BAR], arr.onsets[after]))[0]]
+        b0 = int(arr.events[first, BAR])
+        arr_w, ls_w = arr.bars(b0, b0 + bars), ls.bars(b0, b0 + bars)
+        if len(arr_w) == 0 or len(ls_w) == 0:
+            continue
+        start, length = clip_frames(t0, t1, n_frames, clamp=clamp)
+        windows.append(Window(idx, b0, t0, t1, start, length, arr_w, ls_w))
+    return windows
+
+
+def draw_transposition(rng: np.random.Generator) -> int:
+    """One shift, uniform over the 12 integers -6..+5 (official ``np.random.randint(-6, 6)``)."""
+    return int(rng.integers(TRANSPOSE_MIN, TRANSPOSE_MAX + 1))
+
+
+def transpose(table: NoteTable, shift: int) -> NoteTable:
+    """A copy with every non-drum pitch moved by ``shift`` semitones."""
+    events = table.events.copy()
+    pitched = events[:, INSTRUMENT] != DRUM_INSTRUMENT
+    events[pitched, PITCH] += int(shift)
+    return table.with_events(events)
+
+
+def augment(
+    arrangement: NoteTable, leadsheet: NoteTable, rng: np.random.Generator
+) -> tuple[NoteTable, NoteTable, int]:
+    """One random transposition applied to both tables (copies); returns the shift too."""
+    shift = draw_transposition(rng)
+    return transpose(arrangement, shift), transpose(leadsheet, shift), shift
