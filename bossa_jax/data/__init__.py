@@ -1,0 +1,2 @@
+"""Datasets (POP909, PIAST, JSONL manifests), grain pipelines and the feature cache (DESIGN
+"Data")."""
