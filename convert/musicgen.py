@@ -43,7 +43,7 @@ from bossa_jax import checkpoint
 from bossa_jax.config import MusicgenConfig, build
 from bossa_jax.errors import CheckpointError, ConfigError, run_cli
 from bossa_jax.models.musicgen import MusicgenFeatures
-from convert.common import TensorReader, fill, load_state_dict, read_hf_config
+from convert.common import TensorReader, fill, load_state_dict, param_paths, read_hf_config
 
 HF_PREFIXES = ("decoder.model.decoder.", "model.decoder.", "decoder.", "")
 # HF modules outside the decoder body that BOSSA's features never use.
@@ -56,6 +56,7 @@ HF_IGNORED = (
 )
 AUDIOCRAFT_IGNORED = ("linears.", "condition_provider.", "fuser.")
 DEFAULT_HEAD_DIM = 64
+EMBED = "embed_tokens.embedding"  # the codebook tables, concatenated
 
 # (Flax path inside one stacked block, HF name inside ``layers.N.``, is a kernel (transpose))
 HF_BLOCK_TABLE: tuple[tuple[str, str, bool], ...] = (
@@ -185,8 +186,27 @@ def _make_config(source: str, **fields: Any) -> MusicgenConfig:
 # Name tables
 
 
-def _stack(per_layer: list[np.ndarray]) -> np.ndarray:
-    return np.stack(per_layer, axis=0)
+def _tables(per_codebook: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(per_codebook, axis=0)
+
+
+def expected_shapes(cfg: MusicgenConfig) -> dict[str, tuple[int, ...]]:
+    """Flax dotted path -> shape, from the abstract model (nothing allocated)."""
+    abstract = nnx.eval_shape(lambda: MusicgenFeatures(cfg, rngs=nnx.Rngs(0)))
+    return {name: tuple(var.shape) for name, var in param_paths(abstract).items()}
+
+
+def _checked(
+    value: np.ndarray, key: str, want: tuple[int, ...], *, kernel: bool, source: str
+) -> np.ndarray:
+    """One source tensor in Flax orientation; a wrong shape names the source key."""
+    want_source = want[::-1] if kernel else want
+    if tuple(value.shape) != want_source:
+        raise CheckpointError(
+            f"{source}: shape mismatch for '{key}': expected {want_source}, "
+            f"found {tuple(value.shape)}"
+        )
+    return value.T if kernel else value
 
 
 def hf_to_flax(
@@ -197,18 +217,34 @@ def hf_to_flax(
     if prefix is None:
         raise CheckpointError(f"{source}: no MusicGen decoder embeddings (…embed_tokens.0.weight)")
     read = TensorReader(tensors, source)
+    shapes = expected_shapes(cfg)
     out: dict[str, np.ndarray] = {}
-    for q in range(cfg.num_codebooks):
-        out[f"embed_tokens.{q}.embedding"] = read(f"{prefix}embed_tokens.{q}.weight")
+
+    def take(
+        key: str, path: str, *, kernel: bool = False, stacked: bool = False, table: bool = False
+    ) -> np.ndarray:
+        want = shapes[path][1:] if stacked else shapes[path]
+        if table:  # one codebook's rows of the concatenated table
+            want = (want[0] // cfg.num_codebooks, want[1])
+        return _checked(read(key), key, want, kernel=kernel, source=source)
+
+    out[EMBED] = _tables(
+        [
+            take(f"{prefix}embed_tokens.{q}.weight", EMBED, table=True)
+            for q in range(cfg.num_codebooks)
+        ]
+    )
     for flax_name, hf_name, kernel in HF_BLOCK_TABLE:
-        per_layer = []
-        for i in range(cfg.keep_layers):
-            value = read(f"{prefix}layers.{i}.{hf_name}")
-            per_layer.append(value.T if kernel else value)
-        out[f"layers.{flax_name}"] = _stack(per_layer)
-    out["layer_norm.scale"] = read(f"{prefix}layer_norm.weight")
-    out["layer_norm.bias"] = read(f"{prefix}layer_norm.bias")
-    ignored = [p for p in HF_IGNORED if prefix != "" or p != "decoder."]
+        path = f"layers.{flax_name}"
+        out[path] = np.stack(
+            [
+                take(f"{prefix}layers.{i}.{hf_name}", path, kernel=kernel, stacked=True)
+                for i in range(cfg.keep_layers)
+            ]
+        )
+    out["layer_norm.scale"] = take(f"{prefix}layer_norm.weight", "layer_norm.scale")
+    out["layer_norm.bias"] = take(f"{prefix}layer_norm.bias", "layer_norm.bias")
+    ignored = list(HF_IGNORED)
     ignored += [f"{prefix}layers.{i}.encoder_attn" for i in range(cfg.keep_layers)]
     ignored += [f"{prefix}layers.{i}." for i in range(cfg.keep_layers, cfg.num_hidden_layers)]
     # non-persistent in HF; present in some older exports
@@ -221,10 +257,21 @@ def audiocraft_to_flax(
 ) -> dict[str, np.ndarray]:
     """audiocraft LM tensors -> Flax dotted paths (first ``keep_layers`` blocks)."""
     read = TensorReader(tensors, source)
+    shapes = expected_shapes(cfg)
     d = cfg.hidden_size
     out: dict[str, np.ndarray] = {}
-    for q in range(cfg.num_codebooks):
-        out[f"embed_tokens.{q}.embedding"] = read(f"emb.{q}.weight")
+
+    def take(
+        key: str, path: str, *, kernel: bool = False, stacked: bool = False, table: bool = False
+    ) -> np.ndarray:
+        want = shapes[path][1:] if stacked else shapes[path]
+        if table:  # one codebook's rows of the concatenated table
+            want = (want[0] // cfg.num_codebooks, want[1])
+        return _checked(read(key), key, want, kernel=kernel, source=source)
+
+    out[EMBED] = _tables(
+        [take(f"emb.{q}.weight", EMBED, table=True) for q in range(cfg.num_codebooks)]
+    )
     qkv: dict[str, list[np.ndarray]] = {"q_proj": [], "k_proj": [], "v_proj": []}
     for i in range(cfg.keep_layers):
         key = f"transformer.layers.{i}.self_attn.in_proj_weight"
@@ -237,15 +284,17 @@ def audiocraft_to_flax(
         for j, name in enumerate(qkv):
             qkv[name].append(fused[j * d : (j + 1) * d].T)
     for name, per_layer in qkv.items():
-        out[f"layers.self_attn.{name}.kernel"] = _stack(per_layer)
+        out[f"layers.self_attn.{name}.kernel"] = np.stack(per_layer)
     for flax_name, ac_name, kernel in AUDIOCRAFT_BLOCK_TABLE:
-        per_layer = []
-        for i in range(cfg.keep_layers):
-            value = read(f"transformer.layers.{i}.{ac_name}")
-            per_layer.append(value.T if kernel else value)
-        out[f"layers.{flax_name}"] = _stack(per_layer)
-    out["layer_norm.scale"] = read("out_norm.weight")
-    out["layer_norm.bias"] = read("out_norm.bias")
+        path = f"layers.{flax_name}"
+        out[path] = np.stack(
+            [
+                take(f"transformer.layers.{i}.{ac_name}", path, kernel=kernel, stacked=True)
+                for i in range(cfg.keep_layers)
+            ]
+        )
+    out["layer_norm.scale"] = take("out_norm.weight", "layer_norm.scale")
+    out["layer_norm.bias"] = take("out_norm.bias", "layer_norm.bias")
     ignored = list(AUDIOCRAFT_IGNORED)
     for i in range(cfg.keep_layers):
         ignored += [
@@ -262,14 +311,11 @@ def to_hf_state_dict(
 ) -> dict[str, np.ndarray]:
     """The kept decoder in HF layout (fp32 numpy), e.g. to ``load_state_dict(strict=False)`` into
     a truncated HF model: cross-attention weights and LM heads are not part of it."""
-    params = {
-        ".".join(str(p) for p in path): np.asarray(var[...], np.float32)
-        for path, var in nnx.iter_graph(model)
-        if isinstance(var, nnx.Param)
-    }
+    params = {name: np.asarray(var[...], np.float32) for name, var in param_paths(model).items()}
     out: dict[str, np.ndarray] = {}
-    for q in range(model.cfg.num_codebooks):
-        out[f"{prefix}embed_tokens.{q}.weight"] = params[f"embed_tokens.{q}.embedding"]
+    tables = np.split(params[EMBED], model.cfg.num_codebooks, axis=0)
+    for q, table in enumerate(tables):
+        out[f"{prefix}embed_tokens.{q}.weight"] = np.ascontiguousarray(table)
     for flax_name, hf_name, kernel in HF_BLOCK_TABLE:
         stacked = params[f"layers.{flax_name}"]
         for i in range(stacked.shape[0]):
@@ -351,12 +397,8 @@ def load_musicgen(
         cast.validate("musicgen")
         target = nnx.eval_shape(lambda: MusicgenFeatures(cast, rngs=nnx.Rngs(0)))
         _materialise(target)
-        source = {
-            ".".join(str(p) for p in k): v[...]
-            for k, v in nnx.iter_graph(model)
-            if isinstance(v, nnx.Param)
-        }
-        fill(target, source, source=str(path))
+        values = {name: var[...] for name, var in param_paths(model).items()}
+        fill(target, values, source=str(path))
         model = target
     return model
 

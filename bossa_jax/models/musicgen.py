@@ -5,8 +5,8 @@
   codes (B, 4, T) -> (B, 4, T + 4); step 0 is the special id for every codebook, step s >= 1 of
   codebook q holds ``codes[q, s - 1 - q]`` where that index is valid, else the special id.
 * The codebooks are embedded by summing four tables of (vocab_size + 1) x d rows (row vocab_size =
-  the special id), plus HF MusicGen's sinusoidal positions 0..S-1 (cos half first, no offset, no
-  embedding scale).
+  the special id; stored as one (4 * (vocab_size + 1), d) table), plus HF MusicGen's sinusoidal
+  positions 0..S-1 (cos half first, no offset, no embedding scale).
 * Blocks are pre-LN, without biases: x + SelfAttn(LN(x)) (causal), then x + FFN(LN(x)) with exact
   (erf) GELU; LayerNorm eps 1e-5. Only the first ``keep_layers`` blocks exist; their parameters are
   stacked on a leading ``layers`` axis and run with ``lax.scan``.
@@ -90,19 +90,15 @@ class MusicgenFeatures(nnx.Module):
     def __init__(self, cfg: MusicgenConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = jnp.dtype(cfg.dtype)
-        self.embed_tokens = nnx.List(
-            [
-                # rows are a codebook's entries (+ special id): never split (2049 is odd)
-                Embed(
-                    cfg.vocab_size + 1,
-                    cfg.hidden_size,
-                    axes=("codebook", "embed"),
-                    dtype=jnp.float32,
-                    param_dtype=self.dtype,
-                    rngs=rngs,
-                )
-                for _ in range(cfg.num_codebooks)
-            ]
+        # the codebooks' tables, one after another: row q * (vocab_size + 1) + code. One table
+        # means one gather; its rows are a codebook's entries, never split over devices.
+        self.embed_tokens = Embed(
+            cfg.num_codebooks * (cfg.vocab_size + 1),
+            cfg.hidden_size,
+            axes=("codebook", "embed"),
+            dtype=jnp.float32,
+            param_dtype=self.dtype,
+            rngs=rngs,
         )
         self.layers = stack_modules(lambda r: MusicgenBlock(cfg, rngs=r), cfg.keep_layers, rngs)
         self.layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -114,8 +110,11 @@ class MusicgenFeatures(nnx.Module):
     def from_pattern(self, pattern: jax.Array) -> jax.Array:
         """An already delayed pattern (B, 4, S) -> (B, S, d)."""
         steps = pattern.shape[-1]
-        # fp32 sum of the four lookups plus positions, cast once to the compute dtype
-        x = sum(table(pattern[:, q]) for q, table in enumerate(self.embed_tokens))
+        offsets = jnp.arange(self.cfg.num_codebooks, dtype=pattern.dtype) * (
+            self.cfg.vocab_size + 1
+        )
+        # fp32 sum of the codebook lookups plus positions, cast once to the compute dtype
+        x = jnp.sum(self.embed_tokens(pattern + offsets[:, None]), axis=1)
         x = x + musicgen_positions(steps, self.cfg.hidden_size)
         x = constrain(x.astype(self.dtype), *ACTIVATION_AXES)
         x = scan_modules(self.layers, x, lambda block, h: block(h))
