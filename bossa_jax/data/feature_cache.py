@@ -182,6 +182,9 @@ def build_store(
                 "delete the folder or choose another one"
             )
     elif (root / MANIFEST).is_file():
+        manifest = json.loads((root / MANIFEST).read_text())
+        if manifest.get("fingerprint") == fp:
+            return manifest  # already built: nothing to do
         raise DataError(f"{root}: holds a complete store of other items; choose another folder")
     else:
         with atomic_output(started) as tmp:

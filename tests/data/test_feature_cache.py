@@ -139,6 +139,8 @@ def test_corrupt_shard_is_rebuilt_and_other_compute_refused(corpus, tmp_path):
 
     assert _build(out, corpus, counting).store.checksums() == sums
     assert sum(computed) == SHARD
+    _build(out, corpus, counting)  # a complete store: running the build again computes nothing
+    assert sum(computed) == SHARD
     index, codes = load_index(corpus)
     with pytest.raises(DataError, match="choose another folder"):
         fc.build_feature_cache(
