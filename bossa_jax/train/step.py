@@ -146,7 +146,7 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         out = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
         out["loss"] = loss
-        out["grad_norm"] = optax.global_norm(grads)
+        out["grad_norm"] = optax.tree.norm(grads)
         return TrainState(state.step + 1, params, opt_state), out
 
     return jax.jit(
