@@ -136,6 +136,64 @@ class MusicgenConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QFormerConfig:
+    """The BOSSA Q-Former: a MusicBERT-initialised BERT with queries (SPEC 2.1-2.2)."""
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    vocab_size: int = 1237  # MusicBERT octuple dictionary; the input table has one more row ([DEC])
+    max_position_embeddings: int = 8194
+    pad_token_id: int = 1
+    encoder_width: int = 2048  # = MusicGen d_model
+    cross_attention_freq: int = 2  # cross-attention in layers i % freq == 0
+    num_query_tokens: int = 32
+    layer_norm_eps: float = 1e-12  # bert-base (MusicBERT itself was trained with 1e-5)
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+
+    def validate(self, prefix: str) -> None:
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            f"{prefix}.num_attention_heads",
+            f"must divide hidden_size ({self.hidden_size}), got {self.num_attention_heads}",
+        )
+        for name in (
+            "num_hidden_layers",
+            "intermediate_size",
+            "vocab_size",
+            "max_position_embeddings",
+            "encoder_width",
+            "cross_attention_freq",
+            "num_query_tokens",
+        ):
+            _require(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
+        _require(
+            0 <= self.pad_token_id < self.vocab_size,
+            f"{prefix}.pad_token_id",
+            f"must be in 0..vocab_size-1 ({self.vocab_size - 1}), got {self.pad_token_id}",
+        )
+        for name in ("hidden_dropout", "attention_dropout"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"{prefix}.{name}", "must be in [0, 1)")
+        _require(
+            self.hidden_act in ("gelu", "gelu_tanh", "relu", "silu"),
+            f"{prefix}.hidden_act",
+            f"unknown activation {self.hidden_act!r}",
+        )
+
+    @property
+    def dec_token_id(self) -> int:
+        """The [DEC] id: the extra last row of the input table (SPEC 2.3)."""
+        return self.vocab_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
 class AudioConfig:
     """Clip geometry shared by audio I/O, feature extraction and segmentation (SPEC 1.1)."""
 
@@ -209,6 +267,7 @@ class Config:
     encodec: EncodecConfig = dataclasses.field(default_factory=EncodecConfig)
     musicgen: MusicgenConfig = dataclasses.field(default_factory=MusicgenConfig)
     audio: AudioConfig = dataclasses.field(default_factory=AudioConfig)
+    qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def validate(self, prefix: str = "") -> None:
