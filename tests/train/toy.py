@@ -97,13 +97,61 @@ def make_model() -> ToyModel:
     return ToyModel(nnx.Rngs(0))
 
 
+TOY_OVERRIDES = (
+    "train.total_steps=12",
+    "train.global_batch_size=16",
+    "train.optim.warmup_steps=4",
+    "train.optim.lr=0.01",
+    "train.optim.min_lr=0.001",
+    "train.compute_dtype=float32",
+    "train.log_every=2",
+    "train.checkpoint_every=3",
+)
+
+
+def toy_config(out_dir: str, overrides: list[str] = ()):
+    from bossa_jax.config import load_config
+
+    return load_config(None, [*TOY_OVERRIDES, f"train.out_dir={out_dir}", *overrides])
+
+
+def run_toy(cfg, *, resume: bool = False, nan_at: int | None = None, after_step=None, **kw):
+    """Trains the toy model with the real loop; ``nan_at`` poisons the batch of that 0-based
+    step (its first sample in epoch 0)."""
+    from bossa_jax.train import loop
+    from bossa_jax.train.step import trainable_filter
+
+    arrays = toy_arrays()
+    if nan_at is not None:
+        order = [int(i) for i in grain.MapDataset.range(NUM_SAMPLES).shuffle(seed=cfg.train.seed)]
+        arrays = toy_arrays(nan_at_sample=order[nan_at * cfg.train.global_batch_size])
+
+    def data(pi: int, pc: int):
+        return toy_pipeline(cfg.train.global_batch_size, pi, pc, seed=cfg.train.seed, arrays=arrays)
+
+    return loop.train(
+        cfg,
+        model_fn=make_model,
+        trainable=trainable_filter(*FROZEN),
+        loss_fn=toy_loss,
+        train_data=data,
+        resume=resume,
+        after_step=after_step,
+        **kw,
+    )
+
+
+def flat_params(params: Any) -> dict[str, np.ndarray]:
+    from bossa_jax.train.loop import gather_to_host
+
+    leaves = jax.tree_util.tree_flatten_with_path(gather_to_host(params))[0]
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+
+
 def main(argv: list[str]) -> int:
     # tensorboardX imports torch whenever it is installed (seconds); the toy run needs no torch
     sys.modules.setdefault("torch", None)
-    from bossa_jax.config import load_config
     from bossa_jax.sharding import init_distributed
-    from bossa_jax.train import loop
-    from bossa_jax.train.step import trainable_filter
 
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")
@@ -114,53 +162,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nan-at", type=int, help="poison the batch of this 0-based step")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds per step (signal tests)")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     init_distributed(args.coordinator, args.num_processes, args.process_id)
-    cfg = load_config(
-        None,
-        [
-            "train.total_steps=12",
-            "train.global_batch_size=16",
-            "train.optim.warmup_steps=4",
-            "train.optim.lr=0.01",
-            "train.optim.min_lr=0.001",
-            "train.compute_dtype=float32",
-            "train.log_every=2",
-            "train.checkpoint_every=3",
-            f"train.out_dir={args.out_dir}",
-            *args.overrides,
-        ],
-    )
-    arrays = toy_arrays()
-    if args.nan_at is not None:  # epoch 0, unshuffled index of the step's first sample
-        order = [int(i) for i in grain.MapDataset.range(NUM_SAMPLES).shuffle(seed=cfg.train.seed)]
-        arrays = toy_arrays(nan_at_sample=order[args.nan_at * cfg.train.global_batch_size])
+    cfg = toy_config(args.out_dir, args.overrides)
 
-    def data(pi: int, pc: int):
-        return toy_pipeline(cfg.train.global_batch_size, pi, pc, seed=cfg.train.seed, arrays=arrays)
+    def after_step(step: int) -> None:
+        print(f"toy: step {step} done", flush=True)
+        time.sleep(args.sleep)
 
-    def slow_loss(model: Any, batch: Any, rng: jax.Array):
-        return toy_loss(model, batch, rng)
-
-    hooks = {}
-    if args.sleep:
-        hooks["after_step"] = lambda step: time.sleep(args.sleep)
-    result = loop.train(
-        cfg,
-        model_fn=make_model,
-        trainable=trainable_filter(*FROZEN),
-        loss_fn=slow_loss,
-        train_data=data,
-        resume=args.resume,
-        **hooks,
-    )
+    result = run_toy(cfg, resume=args.resume, nan_at=args.nan_at, after_step=after_step)
+    params = flat_params(result.state.params)  # a collective: every process takes part
     if jax.process_index() == 0:
-        params = jax.tree_util.tree_flatten_with_path(loop.gather_to_host(result.state.params))[0]
-        np.savez(
-            f"{args.out_dir}/final_params.npz",
-            **{jax.tree_util.keystr(k): np.asarray(v) for k, v in params},
-        )
+        np.savez(f"{args.out_dir}/final_params.npz", **params)
+        print(f"toy: stopped_by={result.stopped_by} step={result.step}", flush=True)
     return result.exit_code
 
 

@@ -1,0 +1,129 @@
+"""The training loop on the toy task: outputs, exact resume after SIGKILL, SIGTERM -> checkpoint
+and exit 0, non-finite loss, a mesh that does not divide the batch."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from bossa_jax.errors import BossaError, ConfigError
+from bossa_jax.train.checkpoint import TrainCheckpointer
+from bossa_jax.train.step import abstract_like
+from tests.train.toy import flat_params, run_toy, toy_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TOTAL = 12
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 12-step run (8 devices, this process)."""
+    out = tmp_path_factory.mktemp("reference")
+    result = run_toy(toy_config(str(out)))
+    return out, result, flat_params(result.state.params)
+
+
+def _toy_process(out_dir: Path, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.train.toy", str(out_dir), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, ckpt_dir: Path, timeout: float = 120) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"toy run ended early:\n{proc.stdout.read()}")
+        if any((d / "commit_success.txt").exists() for d in ckpt_dir.glob("[0-9]*")):
+            return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_run_writes_config_metrics_tensorboard_and_checkpoints(reference):
+    out, result, _ = reference
+    assert result.stopped_by == "done" and result.exit_code == 0 and result.step == TOTAL
+    assert "train:\n" in (out / "config.yaml").read_text()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(2, TOTAL + 1, 2))
+    for key in ("loss", "mae", "grad_norm", "lr", "steps_per_s", "samples_per_s"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    assert records[-1]["lr"] == pytest.approx(0.001 + 0.009 * (1 + np.cos(np.pi * 7 / 8)) / 2)
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    ckpt = TrainCheckpointer(out / "checkpoints", keep=3)
+    assert ckpt.all_steps() == [6, 9, 12]
+    ckpt.close()
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(reference, tmp_path):
+    _, _, expected = reference
+    proc = _toy_process(tmp_path, "--sleep", "0.3")
+    _wait_for_checkpoint(proc, tmp_path / "checkpoints")
+    time.sleep(random.uniform(0.0, 1.0))  # a random point after the first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = TrainCheckpointer(tmp_path / "checkpoints", keep=3)
+    killed_at = ckpt.latest_step()
+    ckpt.close()
+    assert killed_at is not None and killed_at < TOTAL
+
+    result = run_toy(toy_config(str(tmp_path)), resume=True)
+    assert result.step == TOTAL
+    got = flat_params(result.state.params)
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-6, err_msg=key)
+    # the resumed run appended to the same metrics log
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == TOTAL
+
+
+def test_sigterm_checkpoints_and_exits_zero(tmp_path):
+    proc = _toy_process(tmp_path, "--sleep", "0.3", "train.checkpoint_every=5")
+    _wait_for_checkpoint(proc, tmp_path / "checkpoints")
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    stopped = [line for line in output.splitlines() if line.startswith("toy: stopped_by=")]
+    assert stopped and stopped[0].startswith("toy: stopped_by=SIGTERM"), output
+    step = int(stopped[0].rsplit("=", 1)[1])
+    assert 5 <= step < TOTAL
+    ckpt = TrainCheckpointer(tmp_path / "checkpoints", keep=3)
+    assert ckpt.latest_step() == step  # the step it stopped at, not only the periodic one
+    ckpt.close()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(reference, tmp_path):
+    _, ref_result, _ = reference
+    with pytest.raises(BossaError, match="non-finite loss") as err:
+        run_toy(toy_config(str(tmp_path)), nan_at=7)  # the 8th update sees NaN inputs
+    message = str(err.value)
+    assert "\n" not in message and "at step 8" in message and "step 6" in message
+    ckpt = TrainCheckpointer(tmp_path / "checkpoints", keep=3)
+    assert ckpt.all_steps() == [3, 6]
+    state, _, _ = ckpt.restore(6, abstract_like(ref_result.state), jax.random.key(0))
+    ckpt.close()
+    assert int(state.step) == 6
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+
+def test_mesh_that_does_not_divide_the_batch_names_the_key(tmp_path):
+    cfg = toy_config(str(tmp_path), ["train.global_batch_size=12"])  # 8 batch shards
+    with pytest.raises(ConfigError) as err:
+        run_toy(cfg)
+    message = str(err.value)
+    assert "train.global_batch_size" in message and "\n" not in message
