@@ -1,0 +1,310 @@
+"""BOSSA's stage-1 model: frozen MusicGen features -> audio LayerNorm -> Q-Former with its heads,
+and the three stage-1 losses (SPEC 1.3, 2.3, 3; DESIGN "Trainable vs frozen is a filter").
+
+Parameters (official ``Blip2Qformer`` names in brackets, LAVIS aliases after a slash; see SPEC 7):
+
+* ``musicgen`` [``musicgen_decoder.decoder``]: the frozen, truncated MusicGen decoder
+  (:class:`~bossa_jax.models.musicgen.MusicgenFeatures`). ``None`` when the features come from a
+  cache; the losses then take ``features`` instead of ``codes``.
+* ``audio_layer_norm`` [``layer_norm`` / ``ln_audio``]: BOSSA's own trainable LayerNorm over the
+  MusicGen features, fp32 statistics, eps 1e-5, weight 1 / bias 0 at init.
+* ``qformer`` [``Qformer.*`` and ``query_tokens``]: :class:`~bossa_jax.models.qformer.QFormer`
+  (query tokens live inside it).
+* ``audio_proj`` [``audio_proj`` / ``vision_proj``], ``symbo_proj`` [``symbo_proj`` /
+  ``text_proj``]: Linear(D -> 256); ``binary_head`` [``binary_head`` / ``itm_head``]:
+  Linear(D -> 2); all with PyTorch's default ``nn.Linear`` init. ``temp`` [``temp``]: the
+  learnable temperature, 0.07 at init, never clamped.
+
+:data:`TRAINABLE` is the one filter of the stage-1 trainable set (everything except MusicGen); the
+optimizer and the step both use it. :meth:`Stage1Model.losses` computes ITC, ITM and ITG with the
+three attention-mask types of SPEC 3.5; :func:`stage1_loss_fn` adapts it to the training step's
+``loss_fn(model, batch, rng) -> (loss, metrics)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bossa_jax.config import Config, MusicgenConfig, QFormerConfig
+from bossa_jax.layers import LayerNorm, Linear
+from bossa_jax.models.musicgen import MusicgenFeatures
+from bossa_jax.models.qformer import QFormer
+from bossa_jax.train import losses
+
+PROJ_DIM = 256  # ITC embedding width (SPEC 2.3)
+TEMP_INIT = 0.07
+AUDIO_LN_EPS = 1e-5
+
+# The stage-1 trainable set: Q-Former (with its query tokens and LM head), audio LayerNorm,
+# projections, matching head and temperature. MusicGen is frozen (SPEC 1.3, 2.3).
+TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("musicgen")))
+
+
+def _torch_linear_init(fan_in: int):
+    """PyTorch's default ``nn.Linear`` init for weight and bias: U(-1/sqrt(fan_in), +)."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _head(in_features: int, out_features: int, rngs: nnx.Rngs) -> Linear:
+    init = _torch_linear_init(in_features)
+    return Linear(
+        in_features,
+        out_features,
+        axes=("embed", None),
+        kernel_init=init,
+        bias_init=init,
+        rngs=rngs,
+    )
+
+
+class Stage1Model(nnx.Module):
+    """Stage 1 of BOSSA (see the module docstring). ``dtype`` is the Q-Former compute dtype
+    (None: fp32); MusicGen's dtype comes from its config."""
+
+    def __init__(
+        self,
+        qformer: QFormerConfig,
+        musicgen: MusicgenConfig | None = None,
+        *,
+        proj_dim: int = PROJ_DIM,
+        dtype: jnp.dtype | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if musicgen is not None and musicgen.hidden_size != qformer.encoder_width:
+            raise ValueError(
+                f"Stage1Model: qformer.encoder_width ({qformer.encoder_width}) must equal "
+                f"musicgen.hidden_size ({musicgen.hidden_size})"
+            )
+        self.cfg = qformer
+        self.musicgen = MusicgenFeatures(musicgen, rngs=rngs) if musicgen is not None else None
+        self.audio_layer_norm = LayerNorm(
+            qformer.encoder_width, eps=AUDIO_LN_EPS, axis_name="feature"
+        )
+        self.qformer = QFormer(qformer, dtype=dtype, rngs=rngs)
+        d = qformer.hidden_size
+        self.audio_proj = _head(d, proj_dim, rngs)
+        self.symbo_proj = _head(d, proj_dim, rngs)
+        self.binary_head = _head(d, 2, rngs)
+        self.temp = nnx.Param(jnp.asarray(TEMP_INIT, jnp.float32))
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Config,
+        *,
+        with_musicgen: bool = True,
+        dtype: jnp.dtype | None = None,
+        rngs: nnx.Rngs,
+    ) -> Stage1Model:
+        return cls(cfg.qformer, cfg.musicgen if with_musicgen else None, dtype=dtype, rngs=rngs)
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def audio_features(
+        self, *, codes: jax.Array | None = None, features: jax.Array | None = None
+    ) -> jax.Array:
+        """Frozen MusicGen features (B, S, encoder_width) through the audio LayerNorm (SPEC 1.3).
+
+        Give ``codes`` (B, 4, T) EnCodec codes (needs ``musicgen``) or cached ``features``
+        (B, T + 4, encoder_width), the raw MusicGen output before BOSSA's LayerNorm."""
+        if (codes is None) == (features is None):
+            raise ValueError("Stage1Model: give exactly one of codes or features")
+        if codes is not None:
+            if self.musicgen is None:
+                raise ValueError("Stage1Model: built without MusicGen; pass cached features")
+            features = self.musicgen(codes)
+        # MusicGen is frozen: no gradient ever flows into it or through its output
+        return self.audio_layer_norm(jax.lax.stop_gradient(features))
+
+    # -- the two unimodal encoders (SPEC 3.1) ------------------------------------------------
+
+    def encode_audio(
+        self,
+        features: jax.Array,
+        audio_mask: jax.Array | None,
+        *,
+        deterministic: bool = True,
+        dropout_rng: jax.Array | None = None,
+    ):
+        """Normalised features -> (unit audio embeddings (B, Q, 256), query outputs (B, Q, D),
+        the queries' per-layer self-attention K/V for ITG)."""
+        query_out, past_kv = self.qformer.audio_pass(
+            features, audio_mask, deterministic=deterministic, dropout_rng=dropout_rng
+        )
+        return losses.l2_normalize(self.audio_proj(query_out)), query_out, past_kv
+
+    def encode_symbolic(
+        self,
+        notes: jax.Array,
+        leadsheet_mask: jax.Array,
+        pad_mask: jax.Array,
+        *,
+        deterministic: bool = True,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """Octuple ids (B, 8N) -> unit symbolic embeddings (B, 256): the output at the SOS note,
+        index n_ls = number of lead-sheet notes; lead-sheet and pad notes are masked as keys."""
+        key_mask = leadsheet_mask * pad_mask
+        hidden = self.qformer.symbolic_pass(
+            notes, key_mask, deterministic=deterministic, dropout_rng=dropout_rng
+        )
+        n_leadsheet = jnp.sum(1 - leadsheet_mask, axis=-1).astype(jnp.int32)
+        sos = jnp.take_along_axis(hidden, n_leadsheet[:, None, None], axis=1)[:, 0]
+        return losses.l2_normalize(self.symbo_proj(sos))
+
+    # -- losses (SPEC 3.2-3.6) ---------------------------------------------------------------
+
+    def losses(
+        self,
+        notes: jax.Array,
+        leadsheet_mask: jax.Array,
+        pad_mask: jax.Array,
+        audio_mask: jax.Array,
+        *,
+        codes: jax.Array | None = None,
+        features: jax.Array | None = None,
+        rng: jax.Array | None = None,
+        negatives: tuple[jax.Array, jax.Array] | None = None,
+        field_mean: losses.FieldMean = "valid",
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Total stage-1 loss ITC + ITM + ITG (1:1:1) and its metrics, over the global batch.
+
+        ``notes`` (B, 8N) octuple ids, ``leadsheet_mask`` (B, N) 0 on lead-sheet notes,
+        ``pad_mask`` (B, N) 0 on pads, ``audio_mask`` (B, S) 1 on valid audio steps; ``codes``
+        (B, 4, S - 4) or cached ``features`` (B, S, encoder_width). ITM negatives are drawn from
+        ``rng`` unless ``negatives = (neg_symbo_idx, neg_audio_idx)`` is given (see
+        :func:`~bossa_jax.train.losses.sample_hard_negatives`). ``deterministic=False`` turns
+        dropout on (keys derived from ``rng``). Metrics: ``loss``, ``itc``, ``itm``, ``itg``,
+        ``itg_<field>`` for the 8 fields, ``temp``, ``neg_symbo_idx``, ``neg_audio_idx``.
+        """
+        if negatives is None and rng is None:
+            raise ValueError("Stage1Model.losses: give rng or negatives for the ITM hard negatives")
+        if not deterministic and rng is None:
+            raise ValueError("Stage1Model.losses: dropout (deterministic=False) needs rng")
+        notes, leadsheet_mask, pad_mask, audio_mask = (
+            jnp.asarray(x) for x in (notes, leadsheet_mask, pad_mask, audio_mask)
+        )
+        keys = jax.random.split(rng, 5) if rng is not None else [None] * 5
+        negative_key, audio_key, symbo_key, match_key, gen_key = keys
+        drop = dict(deterministic=deterministic)
+
+        feats = self.audio_features(codes=codes, features=features)
+        audio_emb, _, past_kv = self.encode_audio(
+            feats, audio_mask, dropout_rng=None if deterministic else audio_key, **drop
+        )
+        symbo_emb = self.encode_symbolic(
+            notes,
+            leadsheet_mask,
+            pad_mask,
+            dropout_rng=None if deterministic else symbo_key,
+            **drop,
+        )
+
+        # ITC (unimodal masks)
+        temp = self.temp[...]
+        sim_a2s = losses.similarity(audio_emb, symbo_emb, temp)
+        sim_s2a = sim_a2s.T
+        loss_itc = losses.itc_loss(sim_a2s, sim_s2a)
+
+        # ITM (bidirectional multimodal mask) on [pos ; audio negatives ; symbolic negatives]
+        if negatives is None:
+            negatives = losses.sample_hard_negatives(negative_key, sim_a2s, sim_s2a)
+        neg_symbo_idx, neg_audio_idx = negatives
+        note_key_mask = leadsheet_mask * pad_mask
+        match_notes = jnp.concatenate([notes, notes, notes[neg_symbo_idx]], axis=0)
+        match_note_mask = jnp.concatenate(
+            [note_key_mask, note_key_mask, note_key_mask[neg_symbo_idx]], axis=0
+        )
+        match_feats = jnp.concatenate([feats, feats[neg_audio_idx], feats], axis=0)
+        match_audio_mask = jnp.concatenate([audio_mask, audio_mask[neg_audio_idx], audio_mask])
+        hidden = self.qformer.multimodal_pass(
+            match_notes,
+            match_note_mask,
+            match_feats,
+            match_audio_mask,
+            dropout_rng=None if deterministic else match_key,
+            **drop,
+        )
+        match_logits = self.binary_head(hidden[:, : self.cfg.num_query_tokens])
+        loss_itm = losses.itm_loss(match_logits)
+
+        # ITG (multimodal causal mask): notes see the cached query K/V and earlier notes
+        input_ids, labels = losses.itg_inputs(
+            notes, leadsheet_mask, pad_mask, dec_token_id=self.cfg.dec_token_id
+        )
+        logits = self.qformer.decoder_logits(
+            input_ids, pad_mask, past_kv, dropout_rng=None if deterministic else gen_key, **drop
+        )
+        loss_itg, per_field = losses.itg_loss(logits, labels, field_mean=field_mean)
+
+        total = loss_itc + loss_itm + loss_itg
+        metrics = {
+            "loss": total,
+            "itc": loss_itc,
+            "itm": loss_itm,
+            "itg": loss_itg,
+            "temp": temp,
+            "neg_symbo_idx": neg_symbo_idx,
+            "neg_audio_idx": neg_audio_idx,
+        }
+        metrics.update({f"itg_{name}": per_field[i] for i, name in enumerate(losses.FIELD_NAMES)})
+        return total, metrics
+
+    # -- retrieval (SPEC 3.7) ----------------------------------------------------------------
+
+    def retrieval_similarity(
+        self,
+        audio_mask: jax.Array,
+        notes: jax.Array,
+        leadsheet_mask: jax.Array,
+        pad_mask: jax.Array,
+        *,
+        codes: jax.Array | None = None,
+        features: jax.Array | None = None,
+    ) -> jax.Array:
+        """a->s ranking scores (B_audio, B_symbo) without the temperature (SPEC 3.7): row i ranks
+        the symbolic candidates for audio i; the positive of row i is column i."""
+        feats = self.audio_features(codes=codes, features=features)
+        audio_emb, _, _ = self.encode_audio(feats, audio_mask)
+        symbo_emb = self.encode_symbolic(notes, leadsheet_mask, pad_mask)
+        return losses.similarity(audio_emb, symbo_emb)
+
+
+def stage1_loss_fn(
+    model: Stage1Model,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    *,
+    field_mean: losses.FieldMean = "valid",
+    deterministic: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The training step's ``loss_fn(model, batch, rng) -> (loss, metrics)`` for stage 1.
+
+    ``batch`` keys: ``notes``, ``leadsheet_mask``, ``pad_mask``, ``audio_mask`` and either
+    ``codes`` or ``features``. Dropout is on by default (the official model trains with the
+    Q-Former's dropout 0.1); the sampled negative indices are dropped from the metrics."""
+    loss, metrics = model.losses(
+        batch["notes"],
+        batch["leadsheet_mask"],
+        batch["pad_mask"],
+        batch["audio_mask"],
+        codes=batch.get("codes"),
+        features=batch.get("features"),
+        rng=rng,
+        field_mean=field_mean,
+        deterministic=deterministic,
+    )
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("neg_")}
+    return loss, metrics
