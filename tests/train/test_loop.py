@@ -13,11 +13,20 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from bossa_jax.errors import BossaError, ConfigError
 from bossa_jax.train.checkpoint import TrainCheckpointer
-from bossa_jax.train.step import abstract_like
-from tests.train.toy import flat_params, run_toy, toy_config
+from bossa_jax.train.step import abstract_like, trainable_filter
+from tests.train.toy import (
+    FROZEN,
+    flat_params,
+    make_model,
+    run_toy,
+    toy_arrays,
+    toy_config,
+    toy_eval_loss,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TOTAL = 12
@@ -27,8 +36,17 @@ TOTAL = 12
 def reference(tmp_path_factory):
     """An uninterrupted 12-step run (8 devices, this process)."""
     out = tmp_path_factory.mktemp("reference")
-    result = run_toy(toy_config(str(out)))
+    result = run_toy(
+        toy_config(str(out), ["train.eval_every=6"]),
+        eval_data=_eval_batches,
+        eval_loss_fn=toy_eval_loss,
+    )
     return out, result, flat_params(result.state.params)
+
+
+def _eval_batches(process_index, process_count):
+    arrays = toy_arrays(seed=1)
+    return [{k: v[i : i + 32] for k, v in arrays.items()} for i in (0, 32)]
 
 
 def _toy_process(out_dir: Path, *args: str) -> subprocess.Popen:
@@ -60,9 +78,17 @@ def test_run_writes_config_metrics_tensorboard_and_checkpoints(reference):
     assert result.stopped_by == "done" and result.exit_code == 0 and result.step == TOTAL
     assert "train:\n" in (out / "config.yaml").read_text()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["split"] == "eval"]
+    records = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in records] == list(range(2, TOTAL + 1, 2))
     for key in ("loss", "mae", "grad_norm", "lr", "steps_per_s", "samples_per_s"):
         assert all(np.isfinite(r[key]) for r in records), key
+    assert [r["step"] for r in evals] == [6, 12]
+    # the last eval equals the eval loss of the final parameters, computed here directly
+    graphdef, _, frozen = nnx.split(make_model(), trainable_filter(*FROZEN), ...)
+    model = nnx.merge(graphdef, jax.device_get(result.state.params), frozen)
+    losses = [float(toy_eval_loss(model, b, None)[0]) for b in _eval_batches(0, 1)]
+    assert evals[-1]["loss"] == pytest.approx(np.mean(losses), rel=1e-5)
     assert records[-1]["lr"] == pytest.approx(0.001 + 0.009 * (1 + np.cos(np.pi * 7 / 8)) / 2)
     assert list((out / "tb").glob("events.out.tfevents.*"))
     ckpt = TrainCheckpointer(out / "checkpoints", keep=3)
