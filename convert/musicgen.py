@@ -28,7 +28,6 @@ Command: ``python -m convert.musicgen SRC OUT [--keep-layers 25] [--format auto|
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -39,10 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bossa_jax import checkpoint
-from bossa_jax.config import MusicgenConfig, build
+from bossa_jax.config import MusicgenConfig
 from bossa_jax.errors import CheckpointError, ConfigError, run_cli
-from bossa_jax.models.musicgen import MusicgenFeatures
+from bossa_jax.models.musicgen import MusicgenFeatures, load_musicgen, save_musicgen
+
+__all__ = ["convert_musicgen", "load_musicgen", "save_musicgen", "to_hf_state_dict"]
 from convert.common import TensorReader, fill, load_state_dict, param_paths, read_hf_config
 
 HF_PREFIXES = ("decoder.model.decoder.", "model.decoder.", "decoder.", "")
@@ -373,34 +373,6 @@ def _materialise(model: nnx.Module) -> None:
             value = var.get_value()
             if hasattr(value, "shape") and hasattr(value, "dtype"):
                 var.set_value(jnp.zeros(value.shape, value.dtype))
-
-
-def save_musicgen(path: str | os.PathLike, model: MusicgenFeatures) -> Path:
-    return checkpoint.save_module(path, model, {"musicgen": dataclasses.asdict(model.cfg)})
-
-
-def load_musicgen(
-    path: str | os.PathLike, *, dtype: str | None = None, keep_layers: int | None = None
-) -> MusicgenFeatures:
-    """Restores a checkpoint written by this converter (``dtype`` overrides the stored one)."""
-    stored = checkpoint.read_config(path)
-    if not isinstance(stored.get("musicgen"), Mapping):
-        raise CheckpointError(f"{path}: not a MusicGen checkpoint (no 'musicgen' config section)")
-    cfg = build(MusicgenConfig, stored["musicgen"], "musicgen")
-    if keep_layers is not None and keep_layers != cfg.keep_layers:
-        raise CheckpointError(
-            f"{path}: holds {cfg.keep_layers} MusicGen blocks, but {keep_layers} are configured"
-        )
-    model = checkpoint.load_module(path, lambda: MusicgenFeatures(cfg, rngs=nnx.Rngs(0)))
-    if dtype is not None and dtype != cfg.dtype:
-        cast = dataclasses.replace(cfg, dtype=dtype)
-        cast.validate("musicgen")
-        target = nnx.eval_shape(lambda: MusicgenFeatures(cast, rngs=nnx.Rngs(0)))
-        _materialise(target)
-        values = {name: var[...] for name, var in param_paths(model).items()}
-        fill(target, values, source=str(path))
-        model = target
-    return model
 
 
 def main(argv: Sequence[str]) -> int:

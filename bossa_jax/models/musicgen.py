@@ -23,11 +23,17 @@ dtype (bf16 in production; LayerNorm statistics and the embedding sum stay fp32)
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bossa_jax.config import MusicgenConfig
+from bossa_jax import checkpoint
+from bossa_jax.config import MusicgenConfig, build
+from bossa_jax.errors import CheckpointError, ConfigError
 from bossa_jax.layers import (
     MLP,
     Attention,
@@ -40,6 +46,7 @@ from bossa_jax.layers import (
 from bossa_jax.sharding import constrain
 
 ACTIVATION_AXES = ("batch", "length", "embed")
+CONFIG_SECTION = "musicgen"
 
 
 def delay_pattern(codes: jax.Array, special_id: int) -> jax.Array:
@@ -137,3 +144,35 @@ def forward_flops(cfg: MusicgenConfig, batch: int, steps: int) -> int:
     d, f = cfg.hidden_size, cfg.ffn_dim
     per_token = 8 * d * d + 4 * d * f + 4 * steps * d
     return cfg.keep_layers * batch * steps * per_token
+
+
+def save_musicgen(path: str | os.PathLike, model: MusicgenFeatures) -> Path:
+    """Writes a converted model (parameters + its config) as a bossa-jax checkpoint."""
+    return checkpoint.save_module(path, model, {CONFIG_SECTION: dataclasses.asdict(model.cfg)})
+
+
+def load_musicgen(
+    path: str | os.PathLike, *, dtype: str | None = None, keep_layers: int | None = None
+) -> MusicgenFeatures:
+    """Restores a checkpoint written by ``python -m convert.musicgen``.
+
+    ``dtype`` overrides the stored parameter/compute dtype (the restore casts); ``keep_layers``,
+    when given, must equal the stored block count.
+    """
+    stored = checkpoint.read_config(path)
+    section = stored.get(CONFIG_SECTION)
+    if not isinstance(section, dict):
+        raise CheckpointError(f"{path}: not a MusicGen checkpoint (no '{CONFIG_SECTION}' section)")
+    cfg = build(MusicgenConfig, section, CONFIG_SECTION)
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, dtype=dtype)
+    try:
+        cfg.validate(CONFIG_SECTION)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    if keep_layers is not None and keep_layers != cfg.keep_layers:
+        raise CheckpointError(
+            f"{path}: holds {cfg.keep_layers} MusicGen blocks, but {keep_layers} are configured "
+            "(musicgen.keep_layers)"
+        )
+    return checkpoint.load_module(path, lambda: MusicgenFeatures(cfg, rngs=nnx.Rngs(0)))
