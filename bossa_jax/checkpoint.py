@@ -61,8 +61,8 @@ def load_module(path: str | os.PathLike, ctor: Callable[[], M]) -> M:
             meta = ckptr.metadata(params_dir)
             stored = getattr(meta, "item_metadata", meta)
             stored = getattr(stored, "tree", stored)
-            _compare_shapes(target, stored, str(path))
-            restored = ckptr.restore(params_dir, target)
+            _compare_shapes(_str_keys(target), stored, str(path))
+            restored = _like_keys(target, ckptr.restore(params_dir, _str_keys(target)))
         except CheckpointError:
             raise
         except Exception as err:
@@ -75,6 +75,20 @@ def load_module(path: str | os.PathLike, ctor: Callable[[], M]) -> M:
         rest,
     )
     return nnx.merge(graphdef, params, rest)
+
+
+def _str_keys(tree: Any) -> Any:
+    """orbax stores every dict key as a string; ``nnx.List`` indices are ints in pure dicts."""
+    if isinstance(tree, dict):
+        return {str(k): _str_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _like_keys(template: Any, tree: Any) -> Any:
+    """``tree`` (string keys) with the keys of ``template`` (ints where those were ints)."""
+    if isinstance(template, dict):
+        return {k: _like_keys(v, tree[str(k)]) for k, v in template.items()}
+    return tree
 
 
 def _compare_shapes(target: Any, stored: Any, source: str) -> None:
