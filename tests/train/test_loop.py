@@ -50,7 +50,13 @@ def _eval_batches(process_index, process_count):
 
 
 def _toy_process(out_dir: Path, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    # 2 devices (fewer compiles than 8); the resume then runs on this process's 8: a new mesh
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    )
     return subprocess.Popen(
         [sys.executable, "-m", "tests.train.toy", str(out_dir), *args],
         cwd=ROOT,
