@@ -260,6 +260,90 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay (SPEC 7; built by ``bossa_jax.train.optim``).
+
+    ``decay_mask``: "all" = weight decay on every trainable parameter, LayerNorms, biases, query
+    tokens and temperature included (official, SPEC 10.15); "exclude_norms_biases" exempts those.
+    """
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    warmup_steps: int = 1000
+    warmup_start_factor: float = 0.01
+    min_lr: float = 1e-5  # CosineAnnealingLR eta_min
+    decay_mask: str = "all"
+    grad_clip_norm: float | None = None  # stage 1: none (SPEC 10.14); stage 2: 1.0
+
+    def validate(self, prefix: str) -> None:
+        _require(self.lr > 0, f"{prefix}.lr", "must be positive")
+        for i, b in enumerate(self.betas):
+            _require(0.0 <= b < 1.0, f"{prefix}.betas", f"entry {i} must be in [0, 1), got {b}")
+        _require(self.eps > 0, f"{prefix}.eps", "must be positive")
+        _require(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        _require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
+        _require(
+            0.0 < self.warmup_start_factor <= 1.0,
+            f"{prefix}.warmup_start_factor",
+            f"must be in (0, 1], got {self.warmup_start_factor}",
+        )
+        _require(
+            0.0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", f"must be in [0, lr={self.lr}]"
+        )
+        _require(
+            self.decay_mask in ("all", "exclude_norms_biases"),
+            f"{prefix}.decay_mask",
+            f"must be 'all' or 'exclude_norms_biases', got {self.decay_mask!r}",
+        )
+        _require(
+            self.grad_clip_norm is None or self.grad_clip_norm > 0,
+            f"{prefix}.grad_clip_norm",
+            "must be null or positive",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training loop (SPEC 7, DESIGN "Checkpoints"; run by ``bossa_jax.train.loop``).
+
+    Steps count optimizer updates. ``eval_every``/``checkpoint_every`` 0 = never (a final
+    checkpoint is still written). ``global_batch_size`` must be divisible by the mesh's batch
+    shards and by the process count (checked when the mesh is known).
+    """
+
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    total_steps: int = 10000
+    global_batch_size: int = 128
+    log_every: int = 50
+    eval_every: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    seed: int = 0
+    compute_dtype: str = "bfloat16"
+    out_dir: str = "runs/default"
+
+    def validate(self, prefix: str) -> None:
+        self.optim.validate(f"{prefix}.optim")
+        for name in ("total_steps", "global_batch_size", "log_every", "keep_checkpoints"):
+            _require(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
+        for name in ("eval_every", "checkpoint_every"):
+            _require(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0 (0 = never)")
+        _require(
+            self.total_steps > self.optim.warmup_steps,
+            f"{prefix}.total_steps",
+            f"must exceed optim.warmup_steps ({self.optim.warmup_steps})",
+        )
+        _require(
+            self.compute_dtype in ("bfloat16", "float32"),
+            f"{prefix}.compute_dtype",
+            f"must be 'bfloat16' or 'float32', got {self.compute_dtype!r}",
+        )
+        _require(bool(self.out_dir), f"{prefix}.out_dir", "must not be empty")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -269,6 +353,7 @@ class Config:
     audio: AudioConfig = dataclasses.field(default_factory=AudioConfig)
     qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def validate(self, prefix: str = "") -> None:
         for field in dataclasses.fields(self):
