@@ -8,7 +8,8 @@ import optax
 import pytest
 import torch
 
-from bossa_jax.config import OptimConfig
+from bossa_jax.config import OptimConfig, load_config
+from bossa_jax.errors import ConfigError
 from bossa_jax.train.optim import decay_mask, lr_schedule, make_optimizer
 
 WARMUP, TOTAL = 10, 50
@@ -140,3 +141,26 @@ def test_decay_mask_exempts_norms_biases_queries_temperature():
     np.testing.assert_allclose(new["kernel"], params["kernel"] * (1 - 1e-2 * 0.05), rtol=1e-6)
     for k in ("bias", "query_tokens", "temp"):
         np.testing.assert_array_equal(new[k], params[k])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.optim.decay_mask=some", "train.optim.decay_mask"),
+        ("train.optim.grad_clip_norm=-1", "train.optim.grad_clip_norm"),
+        ("train.total_steps=500", "train.total_steps"),  # not more than the 1000 warm-up steps
+        ("train.compute_dtype=float16", "train.compute_dtype"),
+        ("train.optim.betas=[0.9]", "train.optim.betas"),
+    ],
+)
+def test_bad_train_config_is_one_line_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert f"'{key}" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_paper_defaults():
+    cfg = load_config("paper").train.optim
+    assert (cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay) == (1e-4, (0.9, 0.999), 1e-8, 0.05)
+    assert (cfg.warmup_steps, cfg.warmup_start_factor, cfg.min_lr) == (1000, 0.01, 1e-5)
+    assert cfg.decay_mask == "all" and cfg.grad_clip_norm is None
