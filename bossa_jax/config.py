@@ -49,6 +49,8 @@ class EncodecConfig:
     compress: int = 2
     use_causal_conv: bool = False
     pad_mode: str = "reflect"
+    # residual-block skip: False = identity (EnCodec-32kHz, audiocraft true_skip), True = 1x1 conv
+    use_conv_shortcut: bool = False
     codebook_size: int = 2048
     codebook_dim: int = 128
     num_codebooks: int = 4
