@@ -70,6 +70,28 @@ WORD_TABLE = "bert.embeddings.word_embeddings.weight"
 _LAYER = re.compile(r"^encoder\.sentence_encoder\.layers\.(\d+)\.")
 
 
+def musicbert_keys(num_layers: int) -> list[str]:
+    """Every fairseq key the conversion reads (the MusicBERT-base state dict minus bookkeeping)."""
+    enc = "encoder.sentence_encoder"
+    keys = [f"{enc}.embed_tokens.weight", f"{enc}.embed_positions.weight"]
+    modules = [f"{enc}.emb_layer_norm", f"{enc}.downsampling.0", f"{enc}.upsampling.0"]
+    modules += ["encoder.lm_head.dense", "encoder.lm_head.layer_norm"]
+    for i in range(num_layers):
+        modules += [f"{enc}.layers.{i}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+        modules += [
+            f"{enc}.layers.{i}.{m}"
+            for m in (
+                "self_attn.out_proj",
+                "self_attn_layer_norm",
+                "fc1",
+                "fc2",
+                "final_layer_norm",
+            )
+        ]
+    keys += [f"{m}.{leaf}" for m in modules for leaf in ("weight", "bias")]
+    return keys + ["encoder.lm_head.weight", "encoder.lm_head.bias"]
+
+
 def rename_musicbert_key(key: str) -> str:
     """One fairseq key -> its official BOSSA name (unchanged when no fragment matches)."""
     for old, new in MUSICBERT_RENAMES:
@@ -249,6 +271,10 @@ def convert_musicbert(
     tensors, args = read_fairseq_checkpoint(path)
     cfg = infer_config(tensors, args, base or QFormerConfig(), source)
 
+    missing = [k for k in musicbert_keys(cfg.num_hidden_layers) if k not in tensors]
+    if missing:
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise CheckpointError(f"{source}: missing keys {missing[:8]}{more}")
     official = {}
     original_names = {}
     for key, value in tensors.items():

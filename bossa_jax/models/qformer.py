@@ -268,16 +268,17 @@ class QFormer(nnx.Module):
             out_sharding=(None, "query", "embed"),
         )
         self.embed_norm = LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.layers = nnx.List(
-            [
-                QFormerLayer(
+        # string keys "0".."L-1" (not nnx.List): checkpoints round-trip them unchanged
+        self.layers = nnx.Dict(
+            {
+                str(i): QFormerLayer(
                     cfg,
                     has_cross_attention=i % cfg.cross_attention_freq == 0,
                     dtype=dtype,
                     rngs=rngs,
                 )
                 for i in range(cfg.num_hidden_layers)
-            ]
+            }
         )
         self.lm_head = QFormerLMHead(cfg, dtype=dtype, rngs=rngs)
 
@@ -337,8 +338,8 @@ class QFormer(nnx.Module):
                 f"QFormer: past_kv has {len(past_kv)} layers, the model {len(self.layers)}"
             )
         kvs = []
-        for i, layer in enumerate(self.layers):
-            x, kv = layer(
+        for i in range(len(self.layers)):
+            x, kv = self.layers[str(i)](
                 x,
                 query_length=query_length,
                 self_bias=self_bias,

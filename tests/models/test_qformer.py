@@ -239,28 +239,36 @@ def test_decoder_logits_match_reference(models, inputs):
     assert np.max(np.abs(np.asarray(changed)[0, -8:] - np.asarray(logits)[0, -8:])) > 1e-3
 
 
-def test_dropout_flag(models, inputs):
-    _, _, model = models
+def test_dropout_flag(inputs):
+    small = dataclasses.replace(CFG, num_hidden_layers=2)  # dropout logic, not depth: keep it fast
+    model = QFormer(small, rngs=nnx.Rngs(0))
     ids, mask = inputs["ids"], inputs["key_mask"]
     feats, fmask = inputs["features"], inputs["feature_mask"]
     with pytest.raises(ValueError, match="dropout_rng"):
         run(model, "symbolic_pass", ids, mask, deterministic=False)
     train = QFormer(
-        dataclasses.replace(CFG, hidden_dropout=0.1, attention_dropout=0.1), rngs=nnx.Rngs(0)
+        dataclasses.replace(small, hidden_dropout=0.1, attention_dropout=0.1), rngs=nnx.Rngs(1)
     )
     nnx.update(train, nnx.state(model, nnx.Param))
     plain = run(train, "symbolic_pass", ids, mask)
     np.testing.assert_allclose(plain, run(model, "symbolic_pass", ids, mask), atol=1e-6)
     a, b, c = (
-        run(train, "symbolic_pass", ids, mask, deterministic=False, dropout_rng=jax.random.key(k))
+        run(
+            train,
+            "symbolic_pass",
+            ids,
+            mask,
+            deterministic=False,
+            dropout_rng=jax.random.key(k, impl="rbg"),
+        )
         for k in (1, 1, 2)
     )
     np.testing.assert_array_equal(a, b)
     assert float(jnp.max(jnp.abs(a - c))) > 1e-3 and float(jnp.max(jnp.abs(a - plain))) > 1e-3
     # the explicit attention-dropout path equals the fused one when (almost) nothing is dropped
-    tiny = QFormer(dataclasses.replace(CFG, attention_dropout=1e-9), rngs=nnx.Rngs(0))
+    tiny = QFormer(dataclasses.replace(small, attention_dropout=1e-9), rngs=nnx.Rngs(2))
     nnx.update(tiny, nnx.state(model, nnx.Param))
-    key = jax.random.key(0)
+    key = jax.random.key(0, impl="rbg")  # rbg: cheaper to compile on CPU than threefry
     explicit = run(
         tiny, "multimodal_pass", ids, mask, feats, fmask, deterministic=False, dropout_rng=key
     )
@@ -269,9 +277,9 @@ def test_dropout_flag(models, inputs):
     )
 
 
-def test_pad_row_gets_no_gradient(models, inputs):
+def test_pad_row_gets_no_gradient(inputs):
     """torch's padding_idx: the pad row is looked up but never updated by gradients."""
-    _, _, model = models
+    model = QFormer(dataclasses.replace(CFG, num_hidden_layers=1), rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ids = jnp.asarray(inputs["ids"])
 
