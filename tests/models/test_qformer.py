@@ -305,3 +305,25 @@ def test_parameters_carry_logical_axes(models):
         names = var.get_metadata().get("out_sharding")
         assert names is not None and len(names) == var.ndim, path
         assert set(names) <= known, (path, names)
+
+
+def test_sharded_audio_pass_matches_single_device(inputs):
+    """Created sharded on a (data 2, fsdp 2, tensor 2) mesh of fake CPU devices: parameters follow
+    their logical axes (odd vocabulary dims stay whole) and the output equals the unsharded one."""
+    from jax.sharding import PartitionSpec as P
+
+    from bossa_jax.sharding import create_sharded, make_mesh, rules_of, use_mesh
+
+    small = dataclasses.replace(CFG, num_hidden_layers=2)
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    feats = jnp.asarray(np.concatenate([inputs["features"], inputs["features"][:1]]))
+    expected, _ = run(QFormer(small, rngs=nnx.Rngs(0)), "audio_pass", feats)
+    mesh_cfg = MeshConfig(shape={"data": 2, "fsdp": 2, "tensor": 2})
+    with use_mesh(make_mesh(mesh_cfg), rules_of(mesh_cfg)):
+        model = create_sharded(lambda: QFormer(small, rngs=nnx.Rngs(0)))
+        assert model.layers["0"].self_attn.q_proj.kernel[...].sharding.spec == P("fsdp", "tensor")
+        assert model.lm_head.decoder.kernel[...].sharding.spec == P("fsdp", None)
+        query_out, _ = run(model, "audio_pass", feats)
+    assert query_out.sharding.spec[0] == ("data", "fsdp")
+    np.testing.assert_allclose(query_out, expected, atol=1e-5)
