@@ -362,6 +362,13 @@ class Config:
             section = getattr(self, field.name)
             if dataclasses.is_dataclass(section):
                 section.validate(_join(prefix, field.name))
+        # the Q-Former's cross-attention reads MusicGen features directly (SPEC 1.3)
+        _require(
+            self.qformer.encoder_width == self.musicgen.hidden_size,
+            _join(prefix, "qformer.encoder_width"),
+            f"must equal musicgen.hidden_size ({self.musicgen.hidden_size}), "
+            f"got {self.qformer.encoder_width}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)

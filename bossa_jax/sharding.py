@@ -119,6 +119,22 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
 
 
+def named_shardings(state: Any, mesh: Mesh) -> Any:
+    """The NamedSharding of every variable in ``state`` under the active rules, fitted to its
+    shape: a mesh axis that does not divide a dimension (e.g. a 1237-row vocabulary over
+    ``tensor=2``) is dropped for that dimension instead of failing. Call inside :func:`use_mesh`.
+    """
+    sizes = dict(mesh.shape)
+
+    def one(var: Any) -> Any:
+        if not isinstance(var, nnx.Variable):
+            return NamedSharding(mesh, PartitionSpec())
+        spec = nnx.spmd.get_var_pspec(var) or PartitionSpec()
+        return var.replace(NamedSharding(mesh, _fit_spec(spec, var.shape, sizes)))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def create_sharded(ctor: Callable[[], M]) -> M:
     """Creates ``ctor()`` directly sharded: a jitted init under the active mesh and rules.
 
@@ -127,15 +143,14 @@ def create_sharded(ctor: Callable[[], M]) -> M:
     """
     abstract = nnx.eval_shape(ctor)
     graphdef, abstract_state = nnx.split(abstract)
-    shardings = nnx.get_named_sharding(abstract_state, jax.sharding.get_abstract_mesh())
-
+    shardings = named_shardings(abstract_state, jax.sharding.get_abstract_mesh())
     state = jax.jit(lambda: nnx.state(ctor()), out_shardings=shardings)()
     return nnx.merge(graphdef, state)
 
 
-def param_specs(module: nnx.Module) -> Any:
-    """The PartitionSpec each parameter should have under the active rules (for tests and logs)."""
-    return nnx.get_partition_spec(nnx.state(module))
+def param_specs(module: nnx.Module, mesh: Mesh) -> Any:
+    """The PartitionSpec each parameter gets under the active rules (for tests and logs)."""
+    return jax.tree.map(lambda s: s.spec, named_shardings(nnx.state(module), mesh))
 
 
 def init_distributed(

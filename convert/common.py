@@ -22,13 +22,22 @@ from flax import nnx
 
 from bossa_jax.errors import CheckpointError, one_line
 
-# (module, name) pairs that may appear in a trusted-format pickle beside tensors.
-PICKLE_ALLOWLIST: tuple[tuple[str, str], ...] = (
-    ("argparse", "Namespace"),
-    ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
+# The only globals a checkpoint pickle may name besides tensors: fairseq's ``args`` namespace and
+# numpy scalars in its training state (e.g. the best validation loss), audiocraft's paths.
+PICKLE_ALLOWLIST: tuple[Any, ...] = (
+    argparse.Namespace,
+    collections.OrderedDict,
+    pathlib.PosixPath,
+    pathlib.WindowsPath,
+    np._core.multiarray.scalar,  # how numpy scalars pickle (with their dtype)
+    np.dtype,
+    *(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")),
 )
+
+
+def _global_name(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
 
 Tensors = dict[str, np.ndarray]
 # A rule maps one Flax parameter path to the source key(s) and how to turn them into the value.
@@ -48,9 +57,8 @@ def _to_numpy(value: Any) -> np.ndarray:
 def _torch_load(path: Path) -> Any:
     import torch
 
-    safe = [argparse.Namespace, collections.OrderedDict, pathlib.PosixPath, pathlib.WindowsPath]
     try:
-        with torch.serialization.safe_globals(safe):
+        with torch.serialization.safe_globals(list(PICKLE_ALLOWLIST)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError / RuntimeError with long texts
         text = one_line(str(err))
@@ -61,7 +69,7 @@ def _torch_load(path: Path) -> Any:
             raise CheckpointError(
                 f"{path}: refusing to unpickle a disallowed object {glob}".rstrip()
                 + " (only tensors and "
-                + ", ".join(f"{m}.{n}" for m, n in PICKLE_ALLOWLIST)
+                + ", ".join(sorted({_global_name(g) for g in PICKLE_ALLOWLIST}))
                 + " are allowed)"
             ) from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({text[:200]})") from None

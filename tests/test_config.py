@@ -30,7 +30,9 @@ def test_paper_sizes():
 
 def test_include_and_override(tmp_path):
     base = tmp_path / "base.yaml"
-    base.write_text("musicgen:\n  hidden_size: 64\n  num_attention_heads: 4\n")
+    base.write_text(
+        "musicgen:\n  hidden_size: 64\n  num_attention_heads: 4\nqformer:\n  encoder_width: 64\n"
+    )
     child = tmp_path / "child.yaml"
     child.write_text("include: base.yaml\nname: child\nmusicgen:\n  keep_layers: 2\n")
     cfg = load_config(child, ["musicgen.ffn_dim=128", "mesh.shape.fsdp=2"])
@@ -63,6 +65,7 @@ def test_named_config_and_round_trip(tmp_path):
         ("encodec.upsampling_ratios=[8, x]", "encodec.upsampling_ratios[1]"),
         ("mesh.shape.data=0", "mesh.shape"),
         ("musicgen.dtype=float8", "musicgen.dtype"),
+        ("qformer.encoder_width=1024", "qformer.encoder_width"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

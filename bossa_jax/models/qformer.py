@@ -228,7 +228,7 @@ class QFormerLMHead(nnx.Module):
         self.upsampling = Linear(d, FIELDS_PER_NOTE * d, axes=("embed", "mlp"), **common)
         self.dense = Linear(d, d, axes=("embed", "mlp"), **common)
         self.norm = LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.decoder = Linear(d, cfg.vocab_size, axes=("embed", None), **common)  # 1237: odd
+        self.decoder = Linear(d, cfg.vocab_size, axes=("embed", "vocab"), **common)
 
     def __call__(self, notes: jax.Array) -> jax.Array:
         """(B, N, D) note-stream states -> (B, 8N, vocab_size) logits."""
@@ -254,11 +254,11 @@ class QFormer(nnx.Module):
         def word_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
             return default_kernel_init(key, shape, dtype).at[pad].set(0)  # torch padding_idx row
 
-        # vocabulary dims stay unsharded: 1238 / 1237 rows divide no mesh axis (and are small)
+        # 1238 rows divide no mesh axis: sharding.named_shardings leaves that dim replicated
         self.word_embeddings = Embed(
             cfg.vocab_size + 1,
             d,
-            axes=(None, "embed"),
+            axes=("vocab", "embed"),
             dtype=dtype,
             embedding_init=word_init,
             rngs=rngs,
