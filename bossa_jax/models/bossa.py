@@ -23,15 +23,20 @@ three attention-mask types of SPEC 3.5; :func:`stage1_loss_fn` adapts it to the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bossa_jax.config import Config, MusicgenConfig, QFormerConfig
+from bossa_jax import checkpoint
+from bossa_jax.config import Config, MusicgenConfig, QFormerConfig, build
+from bossa_jax.errors import CheckpointError, ConfigError
 from bossa_jax.layers import LayerNorm, Linear
 from bossa_jax.models.musicgen import MusicgenFeatures
 from bossa_jax.models.qformer import QFormer
@@ -308,3 +313,37 @@ def stage1_loss_fn(
     )
     metrics = {k: v for k, v in metrics.items() if not k.startswith("neg_")}
     return loss, metrics
+
+
+def save_stage1(path: str | os.PathLike, model: Stage1Model) -> Path:
+    """Writes a stage-1 model (parameters + the configs that build it) as a bossa-jax checkpoint;
+    the MusicGen section is None when the model was built without MusicGen."""
+    config = {
+        "name": "bossa_stage1",
+        "qformer": dataclasses.asdict(model.cfg),
+        "musicgen": None if model.musicgen is None else dataclasses.asdict(model.musicgen.cfg),
+        "proj_dim": model.audio_proj.out_features,
+    }
+    return checkpoint.save_module(path, model, config)
+
+
+def load_stage1(path: str | os.PathLike, *, dtype: jnp.dtype | None = None) -> Stage1Model:
+    """Restores a checkpoint written by :func:`save_stage1` (e.g. by ``python -m convert.bossa``).
+    ``dtype`` is the Q-Former compute dtype of the rebuilt model."""
+    stored = checkpoint.read_config(path)
+    if stored.get("name") != "bossa_stage1" or not isinstance(stored.get("qformer"), dict):
+        raise CheckpointError(f"{path}: not a BOSSA stage-1 checkpoint")
+    try:
+        qcfg = build(QFormerConfig, stored["qformer"], "qformer")
+        qcfg.validate("qformer")
+        mcfg = None
+        if stored.get("musicgen") is not None:
+            mcfg = build(MusicgenConfig, stored["musicgen"], "musicgen")
+            mcfg.validate("musicgen")
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    proj_dim = int(stored.get("proj_dim", PROJ_DIM))
+    return checkpoint.load_module(
+        path,
+        lambda: Stage1Model(qcfg, mcfg, proj_dim=proj_dim, dtype=dtype, rngs=nnx.Rngs(0)),
+    )

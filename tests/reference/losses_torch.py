@@ -82,3 +82,113 @@ def itg(prediction_scores: torch.Tensor, labels: torch.Tensor, field_mean: str =
         per_field = per_token.sum(0) / count
     weights = torch.tensor(FIELD_WEIGHTS, dtype=per_field.dtype)
     return (per_field * weights).sum() / weights.sum(), per_field
+
+
+class FP32LayerNorm(torch.nn.LayerNorm):
+    """``Blip2Qformer.layer_norm``: LayerNorm computed in fp32, cast back (SPEC 1.3)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(torch.float32)).to(x.dtype)
+
+
+class Stage1Torch(torch.nn.Module):
+    """The official ``Blip2Qformer`` minus MusicGen (features are given): official parameter
+    names (``Qformer``, ``query_tokens``, ``layer_norm``, ``audio_proj``, ``symbo_proj``,
+    ``binary_head``, ``temp``), so ``state_dict()`` has the stage-1 checkpoint layout of SPEC 7."""
+
+    def __init__(self, config, proj_dim: int = 256):
+        from tests.reference.qformer_torch import BertLMHeadModel
+
+        super().__init__()
+        self.Qformer = BertLMHeadModel(config)
+        self.Qformer.resize_token_embeddings_mean(config.vocab_size + 1)
+        self.query_tokens = torch.nn.Parameter(
+            torch.zeros(1, config.query_length, config.hidden_size).normal_(0.0, 0.02)
+        )
+        self.layer_norm = FP32LayerNorm(config.encoder_width, eps=1e-5)
+        self.audio_proj = torch.nn.Linear(config.hidden_size, proj_dim)
+        self.symbo_proj = torch.nn.Linear(config.hidden_size, proj_dim)
+        self.binary_head = torch.nn.Linear(config.hidden_size, 2)
+        self.temp = torch.nn.Parameter(0.07 * torch.ones([]))
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        audio_mask: torch.Tensor,
+        notes: torch.Tensor,
+        leadsheet_mask: torch.Tensor,
+        pad_mask: torch.Tensor,
+        neg_symbo_idx: torch.Tensor,
+        neg_audio_idx: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """``Blip2Qformer.forward`` with given ITM negatives: ``neg_audio_idx[b]`` is the audio
+        paired with symbolic b (``image_embeds_neg``), ``neg_symbo_idx[b]`` the symbolic sample
+        paired with audio b (``text_ids_neg``). Returns every loss, the official per-field LM
+        losses and the corrected ("valid") ones."""
+        bs = notes.shape[0]
+        audio_embeds = self.layer_norm(features)
+        query_tokens = self.query_tokens.expand(bs, -1, -1)
+        query_output, past_key_values = self.Qformer.bert(
+            query_embeds=query_tokens,
+            encoder_hidden_states=audio_embeds,
+            encoder_attention_mask=audio_mask,
+        )
+        audio_feats = F.normalize(self.audio_proj(query_output), dim=-1)
+
+        note_mask = leadsheet_mask * pad_mask
+        text_output, _ = self.Qformer.bert(input_ids=notes, attention_mask=note_mask)
+        sos_index = (1 - leadsheet_mask).sum(-1).long()
+        text_feat = F.normalize(self.symbo_proj(text_output[torch.arange(bs), sos_index]), dim=-1)
+
+        # ITC
+        loss_itc, sim_i2t, sim_t2i = itc(audio_feats, text_feat, self.temp)
+
+        # ITM: symbolic [pos, pos, neg], audio [pos, neg, pos]
+        audio_embeds_neg = audio_embeds[neg_audio_idx]
+        audio_mask_neg = audio_mask[neg_audio_idx]
+        notes_neg = notes[neg_symbo_idx]
+        note_mask_neg = note_mask[neg_symbo_idx]
+        text_ids_all = torch.cat([notes, notes, notes_neg], dim=0)
+        text_atts_all = torch.cat([note_mask, note_mask, note_mask_neg], dim=0)
+        query_tokens_itm = self.query_tokens.expand(text_ids_all.shape[0], -1, -1)
+        query_atts_itm = torch.ones(query_tokens_itm.shape[:-1], dtype=text_atts_all.dtype)
+        attention_mask_all = torch.cat([query_atts_itm, text_atts_all], dim=1)
+        audio_embeds_all = torch.cat([audio_embeds, audio_embeds_neg, audio_embeds], dim=0)
+        audio_atts_all = torch.cat([audio_mask, audio_mask_neg, audio_mask], dim=0)
+        output_itm, _ = self.Qformer.bert(
+            text_ids_all,
+            query_embeds=query_tokens_itm,
+            attention_mask=attention_mask_all,
+            encoder_hidden_states=audio_embeds_all,
+            encoder_attention_mask=audio_atts_all,
+        )
+        vl_embeddings = output_itm[:, : query_tokens_itm.shape[1], :]
+        loss_itm = itm(self.binary_head(vl_embeddings))
+
+        # ITG: the official reduction="none" path, then the per-field weighting
+        from tests.reference.qformer_torch import itg_weighted_loss
+
+        decoder_input_ids, labels = itg_inputs(notes, leadsheet_mask, pad_mask)
+        query_atts = torch.ones(query_tokens.shape[:-1], dtype=pad_mask.dtype)
+        attention_mask = torch.cat([query_atts, pad_mask], dim=1)
+        logits, _, per_token = self.Qformer(
+            decoder_input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            labels=labels,
+            reduction="none",
+        )
+        loss_lm, fields = itg_weighted_loss(per_token)
+        loss_lm_valid, fields_valid = itg(logits, labels, field_mean="valid")
+        return {
+            "itc": loss_itc,
+            "itm": loss_itm,
+            "itg": loss_lm,
+            "itg_fields": fields,
+            "itg_valid": loss_lm_valid,
+            "itg_fields_valid": fields_valid,
+            "loss": loss_itc + loss_itm + loss_lm,
+            "loss_valid": loss_itc + loss_itm + loss_lm_valid,
+            "sim_i2t": sim_i2t,
+            "sim_t2i": sim_t2i,
+        }
