@@ -1,0 +1,206 @@
+"""Released BOSSA stage-1 checkpoint (``bossa_stage1.pt``) -> bossa-jax ``Stage1Model`` (SPEC 7;
+DESIGN "Converters").
+
+    python -m convert.bossa bossa_stage1.pt OUT --stage 1 [--config paper] [--no-musicgen]
+
+The file is the plain ``state_dict()`` of the official ``Blip2Qformer`` (SPEC 7 "Key prefixes"):
+
+* ``musicgen_decoder.decoder.*``: the frozen MusicGen decoder (25 blocks), read with the HF name
+  table of ``convert/musicgen.py`` (its cross-attention weights add exactly zero and are skipped,
+  SPEC 1.2); ``musicgen_enc_to_dec_proj.*`` only projects the all-zero text state and is skipped.
+* ``Qformer.*`` and ``query_tokens``: the Q-Former, through ``convert/musicbert.py``'s
+  official-name table; ``Qformer.bert.embeddings.position_ids`` is a buffer and
+  ``Qformer.cls.predictions.bias`` the same tensor as ``...decoder.bias`` (checked, then skipped).
+* ``layer_norm``, ``audio_proj``, ``symbo_proj``, ``binary_head``, ``temp``: the audio LayerNorm and
+  the heads. The LAVIS names the official loaders also accept (``ln_audio``, ``vision_proj``,
+  ``text_proj``, ``itm_head``) are renamed first, as ``Blip2Musecoco`` does (SPEC 4.1).
+
+Every missing key and every key neither used nor deliberately skipped is reported by name; a wrong
+shape names the official key. ``--no-musicgen`` builds the model without MusicGen (features from a
+cache) and skips the ``musicgen_decoder.`` keys. Stage 2 is not converted yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from bossa_jax.config import Config, load_config
+from bossa_jax.errors import CheckpointError, run_cli
+from bossa_jax.models.bossa import Stage1Model, save_stage1
+from convert.common import TensorReader, fill, load_state_dict, param_paths
+from convert.musicbert import Rule, _same, _transpose, official_qformer_rules
+from convert.musicgen import HF_BLOCK_TABLE, hf_to_flax
+
+# LAVIS-style names -> official BOSSA names (Blip2Musecoco's renames, SPEC 4.1 / 7)
+LAVIS_ALIASES: tuple[tuple[str, str], ...] = (
+    ("ln_audio.", "layer_norm."),
+    ("vision_proj.", "audio_proj."),
+    ("text_proj.", "symbo_proj."),
+    ("itm_head.", "binary_head."),
+)
+MUSICGEN_PREFIX = "musicgen_decoder."
+SKIPPED_PREFIXES = ("musicgen_enc_to_dec_proj.",)
+SKIPPED_KEYS = ("Qformer.bert.embeddings.position_ids",)
+TIED_BIAS = ("Qformer.cls.predictions.bias", "Qformer.cls.predictions.decoder.bias")
+
+
+def official_name(key: str) -> str:
+    """A stage-1 key with the LAVIS aliases replaced by the official names."""
+    for old, new in LAVIS_ALIASES:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def stage1_rules(cfg: Config) -> dict[str, Rule]:
+    """``Stage1Model`` parameter path (without MusicGen) -> (official key, transform)."""
+    rules = {
+        f"qformer.{path}": rule
+        for path, rule in official_qformer_rules(
+            cfg.qformer, prefix="Qformer.", query_tokens="query_tokens"
+        ).items()
+    }
+    rules["audio_layer_norm.scale"] = ("layer_norm.weight", _same)
+    rules["audio_layer_norm.bias"] = ("layer_norm.bias", _same)
+    for head in ("audio_proj", "symbo_proj", "binary_head"):
+        rules[f"{head}.kernel"] = (f"{head}.weight", _transpose)
+        rules[f"{head}.bias"] = (f"{head}.bias", _same)
+    rules["temp"] = ("temp", _same)
+    return rules
+
+
+def musicgen_keys(cfg: Config) -> list[str]:
+    """The official keys the kept MusicGen blocks need (for the missing-key report)."""
+    prefix = MUSICGEN_PREFIX + "decoder."
+    keys = [f"{prefix}embed_tokens.{q}.weight" for q in range(cfg.musicgen.num_codebooks)]
+    keys += [
+        f"{prefix}layers.{i}.{name}"
+        for i in range(cfg.musicgen.keep_layers)
+        for _, name, _ in HF_BLOCK_TABLE
+    ]
+    return keys + [f"{prefix}layer_norm.weight", f"{prefix}layer_norm.bias"]
+
+
+def stage1_values(
+    tensors: Mapping[str, np.ndarray], cfg: Config, *, with_musicgen: bool, source: str
+) -> dict[str, np.ndarray]:
+    """Official stage-1 tensors -> ``Stage1Model`` dotted paths -> values (Flax orientation)."""
+    renamed: dict[str, np.ndarray] = {}
+    for key, value in tensors.items():
+        new = official_name(key)
+        if new in renamed:
+            raise CheckpointError(f"{source}: both '{key}' and its official name '{new}' present")
+        renamed[new] = value
+
+    rules = stage1_rules(cfg)
+    needed = [key for key, _ in rules.values()] + (musicgen_keys(cfg) if with_musicgen else [])
+    missing = [k for k in needed if k not in renamed]
+    if missing:
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise CheckpointError(f"{source}: missing keys {missing[:8]}{more}")
+
+    abstract = nnx.eval_shape(
+        lambda: Stage1Model(cfg.qformer, cfg.musicgen if with_musicgen else None, rngs=nnx.Rngs(0))
+    )
+    shapes = {path: tuple(var.shape) for path, var in param_paths(abstract).items()}
+    reader = TensorReader(renamed, source)
+    values: dict[str, np.ndarray] = {}
+    for path, (key, transform) in rules.items():
+        value = transform(np.asarray(reader(key)))
+        if value.shape != shapes[path]:
+            want = shapes[path][::-1] if transform is _transpose else shapes[path]
+            raise CheckpointError(
+                f"{source}: shape mismatch for '{key}': expected {want}, "
+                f"found {tuple(renamed[key].shape)}"
+            )
+        values[path] = value
+    if TIED_BIAS[0] in renamed:  # HF registers the LM-head bias under two names
+        if not np.array_equal(renamed[TIED_BIAS[0]], renamed[TIED_BIAS[1]]):
+            raise CheckpointError(f"{source}: '{TIED_BIAS[0]}' differs from '{TIED_BIAS[1]}'")
+        reader.used.add(TIED_BIAS[0])
+
+    if with_musicgen:
+        sub = {
+            k[len(MUSICGEN_PREFIX) :]: v
+            for k, v in renamed.items()
+            if k.startswith(MUSICGEN_PREFIX)
+        }
+        musicgen = hf_to_flax(sub, cfg.musicgen, source=f"{source} [{MUSICGEN_PREFIX}*]")
+        values.update({f"musicgen.{path}": value for path, value in musicgen.items()})
+
+    reader.check_unused(
+        ignore_prefixes=SKIPPED_PREFIXES + (MUSICGEN_PREFIX,),
+        ignore_suffixes=SKIPPED_KEYS,
+    )
+    return values
+
+
+def convert_stage1(
+    source: str | Path | Mapping[str, Any],
+    cfg: Config | None = None,
+    *,
+    with_musicgen: bool = True,
+) -> Stage1Model:
+    """Builds a :class:`Stage1Model` holding a released/official stage-1 state dict.
+
+    ``cfg`` gives the sizes (default: the paper config); every shape is checked against it.
+    """
+    cfg = cfg or load_config("paper")
+    name = "state dict" if isinstance(source, Mapping) else str(source)
+    tensors = load_state_dict(source)
+    values = stage1_values(tensors, cfg, with_musicgen=with_musicgen, source=name)
+    model = nnx.eval_shape(
+        lambda: Stage1Model(cfg.qformer, cfg.musicgen if with_musicgen else None, rngs=nnx.Rngs(0))
+    )
+    _materialise(model)
+    fill(model, values, source=name)
+    return model
+
+
+def _materialise(model: nnx.Module) -> None:
+    """Gives an abstract module zero-filled host parameters (``fill`` overwrites every one)."""
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Variable):
+            value = var.get_value()
+            if hasattr(value, "shape") and hasattr(value, "dtype"):
+                var.set_value(np.zeros(value.shape, value.dtype))
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m convert.bossa",
+        description="Official BOSSA stage-1 checkpoint (.pt) -> bossa-jax Stage1Model (SPEC 7).",
+    )
+    parser.add_argument("source", help="official stage-1 file, e.g. bossa_stage1.pt")
+    parser.add_argument("output", help="output directory (bossa-jax checkpoint)")
+    parser.add_argument(
+        "--stage", type=int, choices=(1,), required=True, help="checkpoint stage (only 1 so far)"
+    )
+    parser.add_argument("--config", default="paper", help="config giving the model sizes")
+    parser.add_argument(
+        "--no-musicgen", action="store_true", help="leave MusicGen out (features from a cache)"
+    )
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
+    cfg = load_config(args.config, args.overrides)
+    model = convert_stage1(args.source, cfg, with_musicgen=not args.no_musicgen)
+    save_stage1(args.output, model)
+    q = cfg.qformer
+    print(
+        f"wrote {args.output}: stage-1 Q-Former {q.num_hidden_layers}x{q.hidden_size}, "
+        f"{q.num_query_tokens} queries, temp {float(model.temp[...]):.4f}"
+        + ("" if args.no_musicgen else f", MusicGen {cfg.musicgen.keep_layers} blocks")
+        + f" ({dataclasses.asdict(q)['vocab_size']}-id octuple vocabulary)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

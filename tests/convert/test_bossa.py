@@ -1,0 +1,171 @@
+"""convert/bossa.py: an official stage-1 state dict (SPEC 7 layout) built from the torch references
+(HF ``MusicgenModel`` as ``musicgen_decoder``, the plain-torch ``Blip2Qformer`` of
+tests/reference/losses_torch.py) -> Stage1Model, checked end to end (codes -> losses) against
+torch, plus LAVIS aliases, key reports and the CLI round trip."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import MusicgenDecoderConfig, MusicgenModel
+
+from bossa_jax.config import load_config
+from bossa_jax.errors import CheckpointError
+from bossa_jax.models.bossa import load_stage1
+from convert.bossa import LAVIS_ALIASES, convert_stage1, main
+from convert.common import param_paths
+from tests.models.test_bossa import NEG_AUDIO, NEG_SYMBO, note_batch, ref_config
+from tests.reference.losses_torch import Stage1Torch
+
+OVERRIDES = ["qformer.num_hidden_layers=2"]
+CFG = load_config("tiny", OVERRIDES)
+B, FRAMES = 4, 5
+SPECIAL = 2048
+
+
+@pytest.fixture(scope="module")
+def official():
+    """(official stage-1 state dict as numpy, torch MusicGen, torch Blip2Qformer)."""
+    torch.manual_seed(0)
+    mg = CFG.musicgen
+    hf = MusicgenModel(
+        MusicgenDecoderConfig(
+            vocab_size=mg.vocab_size,
+            hidden_size=mg.hidden_size,
+            num_attention_heads=mg.num_attention_heads,
+            ffn_dim=mg.ffn_dim,
+            num_hidden_layers=mg.keep_layers,  # the file holds only the kept blocks (SPEC 1.3)
+            num_codebooks=mg.num_codebooks,
+            dropout=0.0,
+        )
+    ).eval()
+    ref = Stage1Torch(ref_config())
+    with torch.no_grad():
+        for module in (hf, ref):
+            for name, p in module.named_parameters():
+                if name != "temp":
+                    p.add_(0.2 * torch.randn_like(p))
+    ref.eval()
+    state = {f"musicgen_decoder.{k}": v for k, v in hf.state_dict().items()}
+    state["musicgen_enc_to_dec_proj.weight"] = torch.randn(mg.hidden_size, 24)
+    state["musicgen_enc_to_dec_proj.bias"] = torch.randn(mg.hidden_size)
+    state.update(ref.state_dict())
+    return {k: v.detach().numpy().copy() for k, v in state.items()}, hf, ref
+
+
+def delay_pattern(codes: np.ndarray) -> np.ndarray:
+    """SPEC 1.2 written out: step 0 special; step s >= 1 of codebook q = codes[q, s-1-q]."""
+    batch, k, frames = codes.shape
+    out = np.full((batch, k, frames + k), SPECIAL, codes.dtype)
+    for q in range(k):
+        for s in range(1, frames + k):
+            if 0 <= s - 1 - q < frames:
+                out[:, q, s] = codes[:, q, s - 1 - q]
+    return out
+
+
+def test_converted_model_matches_torch_from_codes(official):
+    tensors, hf, ref = official
+    model = convert_stage1(tensors, CFG)
+    rng = np.random.default_rng(0)
+    notes, ls_mask, pad_mask = note_batch(rng)
+    codes = rng.integers(0, SPECIAL, (B, 4, FRAMES))
+    steps = FRAMES + 4
+    audio_mask = np.ones((B, steps), np.int64)
+    audio_mask[2, -3:] = 0
+    pattern = delay_pattern(codes)
+    with torch.no_grad():
+        features = hf(input_ids=torch.from_numpy(pattern.reshape(B * 4, steps))).last_hidden_state
+        want = ref(
+            features,
+            torch.from_numpy(audio_mask).float(),
+            torch.from_numpy(notes),
+            torch.from_numpy(ls_mask),
+            torch.from_numpy(pad_mask),
+            torch.from_numpy(NEG_SYMBO),
+            torch.from_numpy(NEG_AUDIO),
+        )
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state):
+        return nnx.merge(graphdef, state).losses(
+            notes,
+            ls_mask,
+            pad_mask,
+            audio_mask,
+            codes=jnp.asarray(codes),
+            negatives=(jnp.asarray(NEG_SYMBO), jnp.asarray(NEG_AUDIO)),
+            field_mean="official",
+        )[1]
+
+    got = run(state)
+    for name in ("itc", "itm", "itg", "loss"):
+        diff = abs(float(got[name]) - want[name].item())
+        assert diff <= 1e-4, f"{name}: |diff| {diff:.3g}"
+    assert float(model.temp[...]) == pytest.approx(ref.temp.item())
+
+
+def _params(model) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v[...]) for k, v in param_paths(model).items()}
+
+
+def test_lavis_aliases_and_no_musicgen(official):
+    tensors, _, _ = official
+    lavis = {}
+    for key, value in tensors.items():
+        for new, old in ((n, o) for o, n in LAVIS_ALIASES):
+            if key.startswith(new):
+                key = old + key[len(new) :]
+        lavis[key] = value
+    assert "ln_audio.weight" in lavis and "itm_head.bias" in lavis and "text_proj.weight" in lavis
+    plain = _params(convert_stage1(tensors, CFG, with_musicgen=False))
+    aliased = _params(convert_stage1(lavis, CFG, with_musicgen=False))
+    assert plain.keys() == aliased.keys() and not any(k.startswith("musicgen") for k in plain)
+    for key in plain:
+        np.testing.assert_array_equal(plain[key], aliased[key])
+
+
+def test_key_reports_name_the_keys(official):
+    tensors, _, _ = official
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['Qformer.extra.weight'\]"):
+        convert_stage1({**tensors, "Qformer.extra.weight": np.zeros(3)}, CFG)
+    missing = {
+        k: v
+        for k, v in tensors.items()
+        if k not in ("symbo_proj.bias", "musicgen_decoder.decoder.layers.1.fc2.weight")
+    }
+    with pytest.raises(CheckpointError, match="missing keys") as err:
+        convert_stage1(missing, CFG)
+    assert "'symbo_proj.bias'" in str(err.value)
+    assert "'musicgen_decoder.decoder.layers.1.fc2.weight'" in str(err.value)
+    bad = dict(tensors, **{"audio_proj.weight": tensors["audio_proj.weight"].T})
+    with pytest.raises(CheckpointError, match="shape mismatch for 'audio_proj.weight'"):
+        convert_stage1(bad, CFG)
+    both = dict(tensors, **{"ln_audio.weight": tensors["layer_norm.weight"]})
+    with pytest.raises(CheckpointError, match="ln_audio.weight"):
+        convert_stage1(both, CFG)
+    untied = dict(tensors)
+    untied["Qformer.cls.predictions.bias"] = tensors["Qformer.cls.predictions.bias"] + 1
+    with pytest.raises(CheckpointError, match="Qformer.cls.predictions.bias"):
+        convert_stage1(untied, CFG)
+
+
+def test_cli_round_trip(official, tmp_path, capsys):
+    tensors, _, _ = official
+    source = tmp_path / "bossa_stage1.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, source)
+    out = tmp_path / "stage1"
+    assert main([str(source), str(out), "--stage", "1", "--config", "tiny", *OVERRIDES]) == 0
+    assert "wrote" in capsys.readouterr().out
+    restored = _params(load_stage1(out))
+    direct = _params(convert_stage1(tensors, CFG))
+    assert restored.keys() == direct.keys()
+    for key in direct:
+        np.testing.assert_array_equal(restored[key], direct[key])
+    with pytest.raises(SystemExit):
+        main([str(source), str(out / "x"), "--stage", "2"])
