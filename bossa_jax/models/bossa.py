@@ -40,6 +40,7 @@ from bossa_jax.errors import CheckpointError, ConfigError
 from bossa_jax.layers import LayerNorm, Linear
 from bossa_jax.models.musicgen import MusicgenFeatures
 from bossa_jax.models.qformer import QFormer
+from bossa_jax.sharding import constrain
 from bossa_jax.train import losses
 
 PROJ_DIM = 256  # ITC embedding width (SPEC 2.3)
@@ -234,6 +235,9 @@ class Stage1Model(nnx.Module):
         )
         match_feats = jnp.concatenate([feats, feats[neg_audio_idx], feats], axis=0)
         match_audio_mask = jnp.concatenate([audio_mask, audio_mask[neg_audio_idx], audio_mask])
+        # the 3B pairs stay sharded over the batch axes (the negatives come from any shard)
+        match_notes = constrain(match_notes, "batch", None)
+        match_feats = constrain(match_feats, "batch", "length", None)
         hidden = self.qformer.multimodal_pass(
             match_notes,
             match_note_mask,

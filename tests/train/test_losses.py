@@ -158,3 +158,35 @@ def test_itg_official_and_valid_differ_by_the_valid_fraction():
     np.testing.assert_allclose(np.asarray(official), np.asarray(valid) * fraction, rtol=1e-5)
     with pytest.raises(ValueError, match="field_mean"):
         losses.itg_loss(logits, labels, field_mean="mean")
+
+
+def test_global_batch_losses_on_a_sharded_batch_equal_single_device():
+    """DESIGN "Batches are global": with the batch sharded over 8 devices, the similarity matrix,
+    the hard-negative draw and every loss equal the single-device values (GSPMD gathers)."""
+    from bossa_jax import sharding
+    from bossa_jax.config import MeshConfig
+
+    rng = np.random.default_rng(8)
+    batch = 8
+    audio, symbo = _unit(rng, batch, 4, 16), _unit(rng, batch, 16)
+    notes, ls_mask, pad_mask = _note_batch(rng, batch, 6)
+    logits = rng.standard_normal((batch, 48, 1237)).astype(np.float32)
+
+    def all_losses(audio, symbo, notes, ls_mask, pad_mask, logits, key):
+        sim = losses.similarity(audio, symbo, 0.07)
+        neg = losses.sample_hard_negatives(key, sim, sim.T)
+        _, labels = losses.itg_inputs(notes, ls_mask, pad_mask, dec_token_id=1237)
+        itg, fields = losses.itg_loss(logits, labels)
+        return losses.itc_loss(sim, sim.T), neg, itg, fields
+
+    args = (audio, symbo, notes, ls_mask, pad_mask, logits)
+    key = jax.random.key(0)
+    single = jax.jit(all_losses)(*(jnp.asarray(a) for a in args), key)
+    cfg = MeshConfig(shape={"data": 8, "fsdp": 1, "tensor": 1})
+    mesh = sharding.make_mesh(cfg)
+    with sharding.use_mesh(mesh, sharding.rules_of(cfg)):
+        sharded_args = [jax.device_put(a, sharding.batch_sharding(mesh, np.ndim(a))) for a in args]
+        assert not sharded_args[0].sharding.is_fully_replicated
+        sharded = jax.jit(all_losses)(*sharded_args, key)
+    for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
