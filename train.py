@@ -1,15 +1,139 @@
-"""Train BOSSA stage 1 / stage 2 (thin entry point).
+"""Train BOSSA (thin entry point; the work is in bossa_jax.train).
 
-The training loops are not built yet: until they land this command says so and exits non-zero.
+    train.py stage1 --config FILE [key=value ...] [--resume] [--synthetic N]
+                    [--coordinator HOST:PORT --num-processes N --process-id I]
+    train.py eval-retrieval --config FILE --checkpoint DIR [--pairs 128] [--rounds 10]
+                    [--seed 0] [--augment] [--out report.json] [key=value ...]
+    train.py stage2 ...            (not built yet: exits non-zero)
+
+``stage1`` runs the stage-1 loop (bossa_jax.train.stage1 on bossa_jax.train.loop): metrics every
+``train.log_every`` steps to the console, ``<out_dir>/metrics.jsonl`` and TensorBoard; validation
+every ``train.eval_every`` steps; orbax checkpoints in ``<out_dir>/checkpoints``; SIGTERM/SIGINT
+write a checkpoint and exit (0 / 130); ``--resume`` continues from the latest checkpoint.
+``--synthetic N`` generates a corpus of N songs into ``<out_dir>/synthetic-data`` and trains on it
+(a CPU smoke run: ``train.py stage1 --config configs/tiny.yaml --synthetic 8``).
+
+``eval-retrieval`` ranks the symbolic candidates of N test pairs for each audio clip, R rounds
+(paper Appendix D; bossa_jax.train.evaluate) and writes a JSON report.
+
+Every bad input (unknown config key, a mesh that does not divide the batch, a missing data folder)
+is one line on stderr and a non-zero exit; ``--debug`` shows the traceback.
 """
 
+from __future__ import annotations
+
+import argparse
+import json
+import logging
 import sys
+from collections.abc import Sequence
 
 from bossa_jax.errors import BossaError, run_cli
 
 
-def main(argv: list[str]) -> int:
-    raise BossaError("train.py: stage-1 and stage-2 training are not built yet")
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one-line BossaErrors (exit 2 through run_cli)."""
+
+    def error(self, message: str) -> None:
+        raise BossaError(f"{self.prog}: {message} (see --help)")
+
+
+COMMANDS = ("stage1", "eval-retrieval", "stage2")
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    parser = _Parser(prog=f"train.py {command}")
+    if command == "stage1":
+        parser.add_argument("--config", required=True, help="YAML config (e.g. configs/tiny.yaml)")
+        parser.add_argument(
+            "--resume", action="store_true", help="continue from the latest checkpoint"
+        )
+        parser.add_argument(
+            "--synthetic", type=int, metavar="N", help="generate and train on N synthetic songs"
+        )
+        parser.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT")
+        parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+        parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    elif command == "eval-retrieval":
+        parser.add_argument("--config", required=True)
+        parser.add_argument("--checkpoint", required=True, help="training run folder or model")
+        parser.add_argument("--pairs", type=int, default=128)
+        parser.add_argument("--rounds", type=int, default=10)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--augment", action="store_true", help="transpose the symbolic side")
+        parser.add_argument("--out", default="retrieval_report.json")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.overrides)
+    if getattr(args, "synthetic", None) is not None:
+        if args.synthetic < 1:
+            raise BossaError(
+                f"--synthetic must be a positive number of songs, got {args.synthetic}"
+            )
+        from bossa_jax.config import load_config
+
+        out_dir = load_config(args.config, overrides).train.out_dir
+        overrides += [
+            "stage1.dataset=synthetic",
+            f"stage1.synthetic_songs={args.synthetic}",
+            f"stage1.data_dir={out_dir}/synthetic-data",
+        ]
+    return overrides
+
+
+def stage1_main(args: argparse.Namespace) -> int:
+    from bossa_jax.sharding import init_distributed
+
+    init_distributed(args.coordinator, args.num_processes, args.process_id)
+    from bossa_jax.config import load_config
+    from bossa_jax.train import stage1
+
+    config = load_config(args.config, _overrides(args))
+    result = stage1.run(config, resume=args.resume)
+    print(f"stage1: stopped_by={result.stopped_by} step={result.step}", flush=True)
+    return result.exit_code
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    from bossa_jax.config import load_config
+    from bossa_jax.train import evaluate, stage1
+
+    config = load_config(args.config, _overrides(args))
+    options = evaluate.RetrievalOptions(args.pairs, args.rounds, args.seed, args.augment)
+    data = stage1.load_split(config, "test")
+    model = evaluate.load_model(config, args.checkpoint)
+    report = evaluate.evaluate_retrieval(
+        model, data, options, deperf=config.stage1.deperf, compute_dtype=config.train.compute_dtype
+    )
+    report["checkpoint"] = str(args.checkpoint)
+    report["config"] = config.to_dict()
+    evaluate.write_report(report, args.out)
+    print(json.dumps({"out": args.out, **report["summary"]}), flush=True)
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    # tensorboardX imports torch when it is installed (seconds); training never needs it
+    sys.modules.setdefault("torch", None)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    argv = list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        if argv and argv[0] in ("-h", "--help"):
+            print(__doc__)
+            return 0
+        raise BossaError(f"train.py: give a command: {', '.join(COMMANDS)} (see --help)")
+    command = argv[0]
+    args = _parser(command).parse_intermixed_args(argv[1:])
+    args.command = command
+    if args.command == "stage2":
+        raise BossaError("train.py stage2: stage-2 training is not built yet")
+    if args.command == "stage1":
+        return stage1_main(args)
+    return eval_main(args)
 
 
 if __name__ == "__main__":

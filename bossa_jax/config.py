@@ -346,6 +346,59 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Stage1Config:
+    """Stage-1 data and objective (SPEC 3, 6, 7; run by ``bossa_jax.train.stage1``).
+
+    ``audio_input``: "codes" = EnCodec codes in the batch, the frozen MusicGen runs inside the
+    step (bf16, no gradient); "features" = cached MusicGen features in the batch (no MusicGen in
+    the step). ``dataset``: pop909 / piast / manifest (``data_dir`` = POP909 root, PIAST MIDI root
+    or manifest .jsonl) or synthetic (a small generated corpus under ``data_dir``). ``codes_dir``:
+    the per-song codes store; ``feature_cache_dir``: per-split feature caches (built from the codes
+    with ``musicgen_checkpoint`` when missing). ``field_mean``: ITG per-field mean, "valid"
+    (default) or "official" (SPEC 10.13). ``eval_batches``: validation batches per eval.
+    """
+
+    audio_input: str = "codes"
+    dataset: str = "pop909"
+    data_dir: str = ""
+    audio_dir: str = ""
+    split_file: str = ""
+    codes_dir: str = ""
+    feature_cache_dir: str = ""
+    musicgen_checkpoint: str = ""
+    synthetic_songs: int = 8
+    synthetic_bars: int = 16
+    transpose: bool = True
+    deperf: bool = True
+    field_mean: str = "valid"
+    dropout: bool = True
+    eval_batches: int = 2
+    num_threads: int = 2
+    prefetch: int = 4
+
+    def validate(self, prefix: str) -> None:
+        _require(
+            self.audio_input in ("codes", "features"),
+            f"{prefix}.audio_input",
+            f"must be 'codes' or 'features', got {self.audio_input!r}",
+        )
+        _require(
+            self.dataset in ("pop909", "piast", "manifest", "synthetic"),
+            f"{prefix}.dataset",
+            f"must be pop909, piast, manifest or synthetic, got {self.dataset!r}",
+        )
+        _require(
+            self.field_mean in ("valid", "official"),
+            f"{prefix}.field_mean",
+            f"must be 'valid' or 'official', got {self.field_mean!r}",
+        )
+        for name in ("synthetic_songs", "synthetic_bars", "num_threads"):
+            _require(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
+        for name in ("eval_batches", "prefetch"):
+            _require(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -356,6 +409,7 @@ class Config:
     qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    stage1: Stage1Config = dataclasses.field(default_factory=Stage1Config)
 
     def validate(self, prefix: str = "") -> None:
         for field in dataclasses.fields(self):

@@ -1,0 +1,431 @@
+"""Stage-1 training: the sharded jitted step over :class:`~bossa_jax.models.bossa.Stage1Model`
+and its data (SPEC 3, 6, 7, 11.7; DESIGN "Trainable vs frozen", "Precision", "Batches are global").
+
+The step is the generic one of :mod:`bossa_jax.train.step` with the stage-1 losses
+(:func:`~bossa_jax.models.bossa.stage1_loss_fn`: ITC + ITM + ITG, the 8 per-field LM losses and the
+temperature as metrics) and the one trainable filter :data:`~bossa_jax.models.bossa.TRAINABLE`
+(everything but MusicGen). Two ways to get the audio side (``stage1.audio_input``):
+
+* ``codes``: EnCodec codes (B, 4, 508) in the batch; the frozen MusicGen runs inside the step,
+  stored and computed in bf16 when ``train.compute_dtype`` is bf16, under ``stop_gradient`` and
+  outside the trainable set, so neither ``jax.grad`` nor AdamW ever sees it;
+* ``features``: cached MusicGen features (B, 512, D) in the batch (the stage-1 hot path); the model
+  is built without MusicGen.
+
+Trainable weights and AdamW state stay fp32 (master weights); the step casts them to the
+compute dtype inside. AdamW uses the official warm-up + cosine schedule (``train.optim``); the
+train state is donated; the step is compiled once ahead of the loop and its per-device memory
+logged (:func:`bossa_jax.train.step.compile_ahead`). The global batch is one array sharded over the
+mesh's batch axes, so the contrastive matrix and the hard negatives span the whole global batch.
+
+Data: reader (POP909 / PIAST / JSONL manifest, or a generated synthetic corpus) -> songs of one
+split -> per-song codes store -> corpus index -> :class:`~bossa_jax.data.pipeline.Pipeline` per
+process (each process reads only its rows of every global batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bossa_jax import sharding
+from bossa_jax.config import Config, Stage1Config
+from bossa_jax.data import feature_cache as fc
+from bossa_jax.data import pipeline as pl
+from bossa_jax.data import readers, synthetic
+from bossa_jax.errors import ConfigError, DataError
+from bossa_jax.models.bossa import TRAINABLE, Stage1Model, stage1_loss_fn
+from bossa_jax.outputs import atomic_output
+from bossa_jax.train import loop
+from bossa_jax.train.optim import make_optimizer
+from bossa_jax.train.step import (
+    LossFn,
+    TrainProgram,
+    TrainState,
+    build_program,
+    make_train_step,
+    opt_state_shardings,
+)
+
+log = logging.getLogger("bossa_jax.train")
+
+SYMBOLIC_KEYS = ("notes", "leadsheet_mask", "pad_mask")
+SPLIT_FILE = "split.json"  # of a synthetic corpus
+
+
+# --- model and loss -----------------------------------------------------------------------------
+def audio_key(cfg: Stage1Config) -> str:
+    """The batch field that carries the audio: ``codes`` or ``features``."""
+    return "codes" if cfg.audio_input == "codes" else "features"
+
+
+def model_keys(cfg: Stage1Config) -> tuple[str, ...]:
+    """The batch fields the step consumes (the pipeline's bookkeeping fields are dropped)."""
+    return (*SYMBOLIC_KEYS, "audio_mask", audio_key(cfg))
+
+
+def model_fn(config: Config) -> Callable[[], Stage1Model]:
+    """The stage-1 model constructor for ``sharding.create_sharded``.
+
+    With ``audio_input=codes`` MusicGen is part of the model; under a bf16 compute dtype it is
+    created in bf16 (its parameters are frozen, so no fp32 master copy is needed). The Q-Former
+    computes in the compute dtype; its parameters are created fp32 (the master weights).
+    """
+    compute = jnp.dtype(config.train.compute_dtype)
+    musicgen = None
+    if config.stage1.audio_input == "codes":
+        dtype = "bfloat16" if compute == jnp.bfloat16 else config.musicgen.dtype
+        musicgen = dataclasses.replace(config.musicgen, dtype=dtype)
+    qformer_dtype = None if compute == jnp.float32 else compute
+
+    def build() -> Stage1Model:
+        return Stage1Model(
+            config.qformer, musicgen, dtype=qformer_dtype, rngs=nnx.Rngs(config.train.seed)
+        )
+
+    return build
+
+
+def make_loss_fn(cfg: Stage1Config, *, train: bool = True) -> LossFn:
+    """``loss_fn(model, batch, rng)`` of the step: the three stage-1 losses (SPEC 3.6); dropout
+    only in training (``stage1.dropout``); ITM negatives drawn from the step's key."""
+    deterministic = not (train and cfg.dropout)
+
+    def loss_fn(model: Stage1Model, batch: Any, rng: jax.Array):
+        return stage1_loss_fn(
+            model, batch, rng, field_mean=cfg.field_mean, deterministic=deterministic
+        )
+
+    return loss_fn
+
+
+def build_stage1_program(config: Config, mesh: Mesh) -> TrainProgram:
+    """Creates the stage-1 model sharded on ``mesh``, splits it by :data:`TRAINABLE` and builds
+    AdamW with the official schedule (call inside ``sharding.use_mesh``)."""
+    model = sharding.create_sharded(model_fn(config))
+    tx = make_optimizer(config.train.optim, config.train.total_steps)
+    return build_program(
+        model,
+        TRAINABLE,
+        make_loss_fn(config.stage1),
+        tx,
+        mesh,
+        compute_dtype=jnp.dtype(config.train.compute_dtype),
+    )
+
+
+def batch_spec(config: Config, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one global stage-1 batch (SPEC 6.5; the pipeline's layout)."""
+    from bossa_jax.symbolic import octuple
+
+    notes = octuple.MAX_NOTES
+    frames = config.audio.clip_frames
+    steps = config.audio.pattern_steps
+    spec = {
+        "notes": jax.ShapeDtypeStruct((global_batch, notes * 8), jnp.int32),
+        "leadsheet_mask": jax.ShapeDtypeStruct((global_batch, notes), jnp.float32),
+        "pad_mask": jax.ShapeDtypeStruct((global_batch, notes), jnp.float32),
+        "audio_mask": jax.ShapeDtypeStruct((global_batch, steps), jnp.float32),
+    }
+    if config.stage1.audio_input == "codes":
+        spec["codes"] = jax.ShapeDtypeStruct((global_batch, 4, frames), jnp.int32)
+    else:
+        width = config.qformer.encoder_width
+        spec["features"] = jax.ShapeDtypeStruct((global_batch, steps, width), jnp.bfloat16)
+    return spec
+
+
+@dataclasses.dataclass
+class AbstractStep:
+    """The stage-1 train step with abstract (shape, dtype, sharding) arguments: nothing is
+    allocated, so a paper-size step can be lowered and compiled on any machine."""
+
+    jitted: Any
+    args: tuple[Any, ...]
+    param_bytes: int
+    opt_bytes: int
+    frozen_bytes: int
+
+
+def _sharded_abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def _bytes(tree: Any) -> int:
+    return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def abstract_step(config: Config, mesh: Mesh, global_batch: int | None = None) -> AbstractStep:
+    """The stage-1 step and abstract arguments for ``jitted.lower(*args).compile()`` (call inside
+    ``sharding.use_mesh``); the byte counts are global (all shards)."""
+    global_batch = global_batch or config.train.global_batch_size
+    abstract_model = nnx.eval_shape(model_fn(config))
+    graphdef, params, frozen = nnx.split(abstract_model, TRAINABLE, ...)
+    param_sharding = nnx.get_named_sharding(params, mesh)
+    frozen_sharding = nnx.get_named_sharding(frozen, mesh)
+    params = _sharded_abstract(params, param_sharding)
+    frozen = _sharded_abstract(frozen, frozen_sharding)
+    tx = make_optimizer(config.train.optim, config.train.total_steps)
+    opt_sharding = opt_state_shardings(tx, params, param_sharding, mesh)
+    opt_state = _sharded_abstract(jax.eval_shape(tx.init, params), opt_sharding)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    state = TrainState(step, params, opt_state)
+    state_sharding = TrainState(replicated, param_sharding, opt_sharding)
+    batch = batch_spec(config, global_batch)
+    b_sharding = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in batch.items()}
+    batch = _sharded_abstract(batch, b_sharding)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+    jitted = make_train_step(
+        graphdef,
+        make_loss_fn(config.stage1),
+        tx,
+        state_sharding=state_sharding,
+        frozen_sharding=frozen_sharding,
+        batch_sharding=b_sharding,
+        mesh=mesh,
+        compute_dtype=jnp.dtype(config.train.compute_dtype),
+    )
+    return AbstractStep(
+        jitted, (state, frozen, batch, rng), _bytes(params), _bytes(opt_state), _bytes(frozen)
+    )
+
+
+# --- data ---------------------------------------------------------------------------------------
+def write_synthetic_corpus(root: str | Path, songs: int, bars: int) -> Path:
+    """A generated POP909-layout corpus under ``root`` (songs, quiet audio, pseudo-EnCodec codes
+    store and a split file: about a fifth of the songs each for validation and test, at least
+    one). Idempotent: a complete corpus is left as it is."""
+    root = Path(root)
+    if (root / "codes" / fc.MANIFEST).is_file() and (root / SPLIT_FILE).is_file():
+        return root
+    names = [f"{i + 1:03d}" for i in range(songs)]
+    for i, name in enumerate(names):
+        synthetic.write_pop909_song(
+            root / "pop909", name, bars=bars, seed=i, audio_root=root / "audio"
+        )
+    held_out = max(1, math.ceil(songs / 5))
+    split = {"pop909": {"validation": names[-2 * held_out : -held_out], "test": names[-held_out:]}}
+    records, _ = readers.read_songs(readers.pop909_sources(root / "pop909", root / "audio"))
+    fc.build_codes_store(
+        root / "codes",
+        [(r.id, r.audio) for r in records],
+        synthetic.fake_codes,
+        compute_id="synthetic",
+        progress=False,
+    )
+    with atomic_output(root / SPLIT_FILE) as tmp:
+        tmp.write_text(json.dumps(split))
+    return root
+
+
+def _require_path(value: str, key: str, what: str) -> Path:
+    if not value:
+        raise ConfigError(f"config key 'stage1.{key}': not set; give the {what}")
+    path = Path(value)
+    if not path.exists():
+        raise DataError(f"config key 'stage1.{key}': {path} not found ({what})")
+    return path
+
+
+def _sources(cfg: Stage1Config) -> tuple[list[readers.SongSource], Path | None, Path]:
+    """(song sources, split file or None, codes store folder) of the configured dataset."""
+    if cfg.dataset == "synthetic":
+        root = Path(cfg.data_dir) if cfg.data_dir else None
+        if root is None:
+            raise ConfigError("config key 'stage1.data_dir': not set; give the corpus folder")
+        write_synthetic_corpus(root, cfg.synthetic_songs, cfg.synthetic_bars)
+        sources = readers.pop909_sources(root / "pop909", root / "audio")
+        return sources, root / SPLIT_FILE, root / "codes"
+    data = _require_path(cfg.data_dir, "data_dir", f"{cfg.dataset} data")
+    audio = Path(cfg.audio_dir) if cfg.audio_dir else None
+    if cfg.dataset == "pop909":
+        sources = readers.pop909_sources(data, audio)
+    elif cfg.dataset == "piast":
+        sources = readers.piast_sources(data, audio)
+    else:
+        sources, _ = readers.manifest_sources(data, log)
+    split_file = None
+    if cfg.split_file:
+        split_file = _require_path(cfg.split_file, "split_file", "split file")
+    codes = _require_path(cfg.codes_dir, "codes_dir", "per-song EnCodec codes store")
+    return sources, split_file, codes
+
+
+def _feature_fn(config: Config) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """(codes (b, 4, 508) -> features (b, 512, D), compute id) for building a feature cache."""
+    cfg = config.stage1
+    width = config.qformer.encoder_width
+    if cfg.dataset == "synthetic" and not cfg.musicgen_checkpoint:
+        return (lambda codes: synthetic.fake_features(codes, dim=width)), f"synthetic-{width}"
+    path = _require_path(cfg.musicgen_checkpoint, "musicgen_checkpoint", "converted MusicGen")
+    from bossa_jax.features import features_step
+    from bossa_jax.models.musicgen import load_musicgen
+
+    musicgen = load_musicgen(path, dtype=config.musicgen.dtype)
+    graphdef, state = nnx.split(musicgen)
+
+    def compute(codes: np.ndarray) -> np.ndarray:
+        return np.asarray(features_step(graphdef, state, jnp.asarray(codes)))
+
+    return compute, f"musicgen:{path.resolve()}:{config.musicgen.dtype}"
+
+
+@dataclasses.dataclass
+class Stage1Split:
+    """One split of the corpus, ready for pipelines: its index and where its audio comes from."""
+
+    split: str
+    index: pl.CorpusIndex
+    audio: pl.AudioSource
+
+    @property
+    def usable(self) -> list[int]:
+        """Example ids whose lead sheet fits the stage-1 sequence (SPEC 11.11)."""
+        return [e.example_id for e in self.index.examples if pl.fits_stage(e.window, 1)]
+
+
+def load_split(config: Config, split: str) -> Stage1Split:
+    """Reads the songs of ``split``, their codes, the window index and the audio source (features
+    mode: the split's feature cache, built on first use)."""
+    cfg = config.stage1
+    sources, split_file, codes_dir = _sources(cfg)
+    records, _ = readers.read_songs(
+        sources, split=split, split_file=split_file, require_audio=False, logger=log
+    )
+    codes = fc.CodesStore(codes_dir)
+    missing = [r.id for r in records if r.id not in codes]
+    if missing:
+        log.warning("%d %s songs have no codes in %s; left out", len(missing), split, codes_dir)
+        records = [r for r in records if r.id in codes]
+    if not records:
+        raise DataError(f"no readable songs with codes in the {split!r} split of {cfg.data_dir}")
+    index = pl.build_index(records, codes)
+    if cfg.audio_input == "codes":
+        return Stage1Split(split, index, pl.AudioSource(index, codes=codes))
+    if cfg.feature_cache_dir:
+        cache_root = Path(cfg.feature_cache_dir) / split
+    elif cfg.dataset == "synthetic":
+        cache_root = Path(cfg.data_dir) / f"features-{config.qformer.encoder_width}" / split
+    else:
+        raise ConfigError(
+            "config key 'stage1.feature_cache_dir': not set; audio_input=features needs a cache"
+        )
+    if (cache_root / fc.MANIFEST).is_file():
+        cache = fc.FeatureCache(cache_root)
+    else:
+        compute, compute_id = _feature_fn(config)
+        cache = fc.build_feature_cache(
+            cache_root, index.clips, codes.codes, compute, compute_id=compute_id, progress=False
+        )
+    return Stage1Split(split, index, pl.AudioSource(index, features=cache))
+
+
+class ModelFields:
+    """A pipeline iterator that yields only the fields the step consumes (grain's state kept)."""
+
+    def __init__(self, iterator: Any, keys: tuple[str, ...]):
+        self.iterator, self.keys = iterator, keys
+
+    def __iter__(self) -> ModelFields:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self.iterator)
+        return {k: batch[k] for k in self.keys}
+
+    def get_state(self) -> dict[str, Any]:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.iterator.set_state(state)
+
+
+def make_pipeline(
+    config: Config,
+    data: Stage1Split,
+    process_index: int,
+    process_count: int,
+    *,
+    train: bool = True,
+    global_batch: int | None = None,
+) -> pl.Pipeline:
+    """This process's stage-1 pipeline over ``data``: training repeats forever with the run's
+    seed; evaluation reads one epoch with a fixed seed."""
+    cfg = config.stage1
+    options = pl.PipelineOptions(
+        stage=1,
+        global_batch_size=global_batch or config.train.global_batch_size,
+        seed=config.train.seed if train else 0,
+        num_epochs=None if train else 1,
+        transpose=cfg.transpose,  # the official validation transposes too (SPEC 10.6)
+        deperf=cfg.deperf,
+        process_index=process_index,
+        process_count=process_count,
+        num_threads=cfg.num_threads,
+        prefetch_buffer_size=cfg.prefetch,
+    )
+    return pl.Pipeline(data.index, data.audio, options)
+
+
+def train_data(config: Config, data: Stage1Split) -> loop.DataFactory:
+    keys = model_keys(config.stage1)
+
+    def factory(process_index: int, process_count: int) -> ModelFields:
+        pipe = make_pipeline(config, data, process_index, process_count)
+        return ModelFields(pipe.iterator(), keys)
+
+    return factory
+
+
+def eval_data(config: Config, data: Stage1Split) -> loop.EvalFactory:
+    keys = model_keys(config.stage1)
+
+    def factory(process_index: int, process_count: int) -> Iterator[dict[str, np.ndarray]]:
+        pipe = make_pipeline(config, data, process_index, process_count, train=False)
+        batches = min(config.stage1.eval_batches, pipe.steps_per_epoch)
+        iterator = ModelFields(pipe.iterator(), keys)
+        return (next(iterator) for _ in range(batches))
+
+    return factory
+
+
+# --- the run ------------------------------------------------------------------------------------
+def run(config: Config, *, resume: bool = False, mesh: Mesh | None = None) -> loop.TrainResult:
+    """Stage-1 training with the generic loop (logging, eval on the validation split, orbax
+    checkpoints, SIGTERM/SIGINT, non-finite stop: see :mod:`bossa_jax.train.loop`)."""
+    train_split = load_split(config, "train")
+    evaluate = config.train.eval_every > 0 and config.stage1.eval_batches > 0
+    validation = load_split(config, "validation") if evaluate else None
+    if validation is not None:
+        n = len(validation.usable)
+        if n < config.train.global_batch_size:
+            raise DataError(
+                f"the validation split has {n} usable windows, fewer than one global batch "
+                f"({config.train.global_batch_size}); set train.eval_every=0 or add songs"
+            )
+    return loop.train(
+        config,
+        model_fn=model_fn(config),
+        trainable=TRAINABLE,
+        loss_fn=make_loss_fn(config.stage1),
+        train_data=train_data(config, train_split),
+        eval_data=eval_data(config, validation) if validation is not None else None,
+        eval_loss_fn=make_loss_fn(config.stage1, train=False),
+        resume=resume,
+        mesh=mesh,
+    )
