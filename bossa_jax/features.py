@@ -369,6 +369,16 @@ def build_extractor(
     return FeatureExtractor(cfg, musicgen, encodec, batch_size=batch_size, mesh=mesh)
 
 
+def random_extractor(cfg: Config, *, seed: int, batch_size: int) -> FeatureExtractor:
+    """An extractor with randomly initialised EnCodec and MusicGen of the config's sizes."""
+    from bossa_jax.models.encodec import EncodecEncoder
+
+    # the Rngs live inside the traced constructors (they are mutated during init)
+    musicgen = sharding.create_sharded(lambda: MusicgenFeatures(cfg.musicgen, rngs=nnx.Rngs(seed)))
+    encodec = sharding.create_sharded(lambda: EncodecEncoder(cfg.encodec, rngs=nnx.Rngs(seed + 1)))
+    return FeatureExtractor(cfg, musicgen, encodec, batch_size=batch_size)
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bossa_jax.features",
@@ -376,7 +386,11 @@ def main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("inputs", nargs="+", help="audio files, .npy code arrays, key=value")
     parser.add_argument("--out", required=True, help="output .npz file or directory")
-    parser.add_argument("--musicgen", required=True, help="checkpoint from convert.musicgen")
+    parser.add_argument("--musicgen", default=None, help="checkpoint from convert.musicgen")
+    parser.add_argument(
+        "--random-init", type=int, default=None, metavar="SEED",
+        help="random weights from the config instead of checkpoints (smoke tests only)",
+    )  # fmt: skip
     parser.add_argument("--encodec", default=None, help="checkpoint from convert.encodec")
     parser.add_argument("--config", default=None, help="config YAML (e.g. configs/paper.yaml)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -387,14 +401,22 @@ def main(argv: Sequence[str]) -> int:
     cfg = load_config(args.config, overrides)
     if not paths:
         raise DataError("no input files given")
+    random_init = args.random_init is not None
+    if not random_init and args.musicgen is None:
+        raise ConfigError("give --musicgen CHECKPOINT (or --random-init SEED for a smoke test)")
     # check inputs before loading checkpoints: a typo costs nothing
     for path in paths:
-        if not is_codes_file(path) and args.encodec is None:
+        if not is_codes_file(path) and args.encodec is None and not random_init:
             raise ConfigError(f"{path}: audio input needs an EnCodec checkpoint (--encodec)")
         _check_input(path, cfg)
-    extractor = build_extractor(
-        cfg, musicgen_path=args.musicgen, encodec_path=args.encodec, batch_size=args.batch_size
-    )
+    if random_init:
+        print(f"random weights (seed {args.random_init}): features are for smoke tests only")
+        extractor = random_extractor(cfg, seed=args.random_init, batch_size=args.batch_size)
+    else:
+        extractor = build_extractor(
+            cfg, musicgen_path=args.musicgen, encodec_path=args.encodec,
+            batch_size=args.batch_size,
+        )  # fmt: skip
     out = write_features(args.out, paths, extractor, progress=not args.no_progress)
     print(f"wrote {out}: {len(paths)} clips")
     return 0

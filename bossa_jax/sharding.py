@@ -136,14 +136,16 @@ def named_shardings(state: Any, mesh: Mesh) -> Any:
 
 
 def create_sharded(ctor: Callable[[], M]) -> M:
-    """Creates ``ctor()`` directly sharded: a jitted init under the active mesh and rules.
+    """Creates ``ctor()`` with one jitted init, directly sharded under the active mesh and rules.
 
     Each parameter is materialised only as its own shards, so a model larger than one device's
-    memory never lands on a single device. Call inside :func:`use_mesh`.
+    memory never lands on a single device. Outside :func:`use_mesh` it still initialises in one
+    compiled program (eager creation dispatches every initialiser op by op, which is slow).
     """
     abstract = nnx.eval_shape(ctor)
     graphdef, abstract_state = nnx.split(abstract)
-    shardings = named_shardings(abstract_state, jax.sharding.get_abstract_mesh())
+    mesh = jax.sharding.get_abstract_mesh()
+    shardings = None if mesh.empty else named_shardings(abstract_state, mesh)
     state = jax.jit(lambda: nnx.state(ctor()), out_shardings=shardings)()
     return nnx.merge(graphdef, state)
 

@@ -276,3 +276,31 @@ def test_no_inputs_is_an_error(cfg, models):
     extractor = FeatureExtractor(cfg, models[0], models[1], batch_size=1, mesh=one_device(cfg))
     with pytest.raises(DataError, match="no input files"):
         write_features("x.npz", [], extractor)
+
+
+def test_random_init_smoke_run_and_missing_checkpoint(audio_files, tmp_path, capsys):
+    from bossa_jax.errors import ConfigError
+    from bossa_jax.features import main
+
+    out = tmp_path / "smoke.npz"
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    assert (
+        main(
+            [
+                str(audio_files[0]),
+                "--config",
+                tiny,
+                "--random-init",
+                "0",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert "smoke tests only" in capsys.readouterr().out
+    with np.load(out) as data:
+        assert data["features"].shape[:2] == (1, 512) and np.isfinite(data["features"]).all()
+    with pytest.raises(ConfigError, match="--random-init"):
+        main([str(audio_files[0]), "--config", tiny, "--out", str(tmp_path / "x.npz")])
