@@ -47,6 +47,15 @@ def dot_product_attention(
     """q (B,T,H,D), k/v (B,S,H,D); ``mask`` bool broadcastable to (B,H,T,S), True = attend."""
     if (
         implementation is None
+        and is_causal
+        and mask is None
+        and bias is None
+        and q.shape[1] == k.shape[1] >= 2 * CAUSAL_BLOCK
+        and jax.default_backend() == "cpu"
+    ):
+        return causal_blocks(q, k, v, scale=scale)
+    if (
+        implementation is None
         and jax.default_backend() == "gpu"
         and q.dtype in (jnp.bfloat16, jnp.float16)
         and bias is None
@@ -69,6 +78,38 @@ def dot_product_attention(
         return jax.nn.dot_product_attention(
             q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale, implementation="xla"
         )
+
+
+CAUSAL_BLOCK = 128
+
+
+def causal_blocks(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float | None = None,
+    block: int = CAUSAL_BLOCK,
+) -> jax.Array:
+    """Exact causal self-attention that skips the keys after each block of queries.
+
+    XLA's CPU path of ``jax.nn.dot_product_attention`` computes the whole masked S x S matrix;
+    here query block i only meets keys [0, (i+1)·block), and only the diagonal block is masked:
+    about 2x faster on CPU at S = 512 (MusicGen's 512 pattern steps). Softmax in fp32.
+    """
+    length, head_dim = q.shape[1], q.shape[-1]
+    scale = head_dim**-0.5 if scale is None else scale
+    qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q * jnp.asarray(scale, q.dtype), k, v))
+    outputs = []
+    for start in range(0, length, block):
+        stop = min(start + block, length)
+        logits = (qh[:, :, start:stop] @ kh[:, :, :stop].swapaxes(-1, -2)).astype(jnp.float32)
+        visible = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
+        logits = jnp.where(visible, logits, -1e30)
+        weights = jnp.exp(logits - logits.max(-1, keepdims=True))
+        out = (weights.astype(v.dtype) @ vh[:, :, :stop]).astype(jnp.float32)
+        outputs.append(out / weights.sum(-1, keepdims=True))
+    return jnp.concatenate(outputs, axis=2).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 class Attention(nnx.Module):

@@ -14,6 +14,7 @@ from bossa_jax.layers import (
     KVCache,
     LayerNorm,
     Linear,
+    dot_product_attention,
     fairseq_position_ids,
     fairseq_positions,
     musicgen_positions,
@@ -149,3 +150,21 @@ def test_mlp_matches_torch_gelu():
     k2, b2 = np.asarray(mlp.fc2.kernel[...]), np.asarray(mlp.fc2.bias[...])
     h = torch.nn.GELU()(torch.tensor(x @ k1 + b1)).numpy()
     np.testing.assert_allclose(np.asarray(mlp(jnp.asarray(x))), h @ k2 + b2, atol=1e-5)
+
+
+def test_causal_blocks_equal_full_causal_attention():
+    from bossa_jax.layers.attention import causal_blocks
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 300, 4, 8)) for i in range(3))
+    full = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    for block in (64, 128, 300):
+        got = causal_blocks(q, k, v, block=block)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=1e-5)
+    # the CPU dispatch takes this path for long unmasked causal self-attention
+    np.testing.assert_allclose(
+        np.asarray(
+            jax.jit(lambda q, k, v: dot_product_attention(q, k, v, is_causal=True))(q, k, v)
+        ),
+        np.asarray(full),
+        atol=1e-5,
+    )
