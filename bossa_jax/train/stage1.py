@@ -408,6 +408,9 @@ def eval_data(config: Config, data: Stage1Split) -> loop.EvalFactory:
 def run(config: Config, *, resume: bool = False, mesh: Mesh | None = None) -> loop.TrainResult:
     """Stage-1 training with the generic loop (logging, eval on the validation split, orbax
     checkpoints, SIGTERM/SIGINT, non-finite stop: see :mod:`bossa_jax.train.loop`)."""
+    mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+    with sharding.use_mesh(mesh, sharding.rules_of(config.mesh)):
+        loop.check_batch_divides(config.train.global_batch_size, mesh)  # before reading any data
     train_split = load_split(config, "train")
     evaluate = config.train.eval_every > 0 and config.stage1.eval_batches > 0
     validation = load_split(config, "validation") if evaluate else None

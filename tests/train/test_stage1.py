@@ -1,0 +1,135 @@
+"""The stage-1 step (bossa_jax/train/stage1.py): one sharded step on 8 devices (data=2, fsdp=4)
+equals the same step on 1 device (loss, every metric, every updated parameter), MusicGen frozen
+and outside the trainable set, bf16 layout, batch layout."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bossa_jax import sharding
+from bossa_jax.config import load_config
+from bossa_jax.data.pipeline import to_global
+from bossa_jax.models.bossa import TRAINABLE
+from bossa_jax.train import stage1
+from bossa_jax.train.step import batch_shardings, replicated_key
+
+# CPU compile of the full stage-1 step dominates these tests: cheaper LLVM passes, same numerics
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+TOL = 2e-5
+
+
+def tiny_config(data_dir, *overrides):
+    return load_config(
+        "tiny",
+        [
+            f"stage1.data_dir={data_dir}",
+            "stage1.synthetic_songs=4",
+            "train.global_batch_size=8",
+            "musicgen.keep_layers=1",
+            "qformer.num_hidden_layers=2",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage1_corpus")
+    return stage1.write_synthetic_corpus(root, songs=4, bars=16)
+
+
+def one_step(cfg, mesh, local_batch):
+    """(metrics, updated trainable params, frozen state before/after) of one train step."""
+    with sharding.use_mesh(mesh, sharding.rules_of(cfg.mesh)):
+        program = stage1.build_stage1_program(cfg, mesh)
+        shardings = batch_shardings(mesh, local_batch)
+        batch = to_global(local_batch, mesh)
+        rng = replicated_key(7, mesh)
+        frozen_before = jax.tree.map(np.asarray, program.frozen)
+        step = program.train_step(shardings).lower(program.state, program.frozen, batch, rng)
+        step = step.compile(compiler_options=FAST_COMPILE)
+        state, metrics = step(program.state, program.frozen, batch, rng)
+        return (
+            jax.device_get(metrics),
+            state.params,
+            frozen_before,
+            jax.tree.map(np.asarray, program.frozen),
+        )
+
+
+def flat(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+
+
+def test_sharded_step_equals_single_device(corpus):
+    cfg = tiny_config(corpus, "train.compute_dtype=float32")
+    data = stage1.load_split(cfg, "train")
+    local = next(stage1.train_data(cfg, data)(0, 1))
+    assert set(local) == {"notes", "leadsheet_mask", "pad_mask", "audio_mask", "codes"}
+
+    single = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    m1, p1, frozen1, frozen1_after = one_step(cfg, single, local)
+    cfg8 = tiny_config(corpus, "train.compute_dtype=float32", "mesh.shape={data: 2, fsdp: 4}")
+    mesh8 = sharding.make_mesh(cfg8.mesh)
+    m8, p8, _, _ = one_step(cfg8, mesh8, local)
+
+    # the logged terms: total, ITC, ITM, ITG, the 8 per-field LM losses, temperature, grad norm
+    fields = ("bar", "pos", "inst", "pitch", "dur", "vel", "ts", "tempo")
+    expected = {"loss", "itc", "itm", "itg", "temp", "grad_norm", *(f"itg_{f}" for f in fields)}
+    assert set(m1) == expected
+    assert np.isfinite(m1["loss"])
+    np.testing.assert_allclose(m1["loss"], m1["itc"] + m1["itm"] + m1["itg"], rtol=1e-6)
+    for name in expected:
+        np.testing.assert_allclose(m8[name], m1[name], rtol=TOL, atol=TOL, err_msg=name)
+
+    # the updated parameters, sharded on 8 devices, equal the single-device ones
+    f1, f8 = flat(p1), flat(p8)
+    assert f1.keys() == f8.keys()
+    worst = max(float(np.max(np.abs(f1[k] - f8[k]))) for k in f1)
+    assert worst <= TOL, worst
+    specs = {
+        jax.tree_util.keystr(k): v.sharding.spec
+        for k, v in jax.tree_util.tree_flatten_with_path(p8)[0]
+    }
+    fc1 = next(v for k, v in specs.items() if "query_mlp" in k and "fc1" in k and "kernel" in k)
+    assert fc1[0] == "fsdp", fc1  # (embed, mlp) -> (fsdp, tensor): FSDP-sharded master weights
+
+    # MusicGen is frozen: not in the trainable state, untouched by the step
+    assert not any("musicgen" in k for k in f1)
+    assert any("musicgen" in k for k in flat(frozen1))
+    for k, v in flat(frozen1).items():
+        np.testing.assert_array_equal(flat(frozen1_after)[k], v, err_msg=k)
+
+
+def test_bf16_layout_and_trainable_filter():
+    cfg = load_config("tiny", ["train.compute_dtype=bfloat16"])
+    model = nnx.eval_shape(stage1.model_fn(cfg))
+    _, params, frozen = nnx.split(model, TRAINABLE, ...)
+    param_dtypes = {x.dtype for x in jax.tree.leaves(params)}
+    assert param_dtypes == {jnp.dtype(jnp.float32)}  # fp32 master weights
+    frozen_flat = {
+        jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(frozen)[0]
+    }
+    assert frozen_flat and all("musicgen" in k for k in frozen_flat)
+    matrices = [v for k, v in frozen_flat.items() if len(v.shape) >= 2 and "norm" not in k]
+    assert matrices and all(v.dtype == jnp.bfloat16 for v in matrices)  # frozen MusicGen in bf16
+    # features mode: no MusicGen at all
+    cfg = load_config("tiny", ["stage1.audio_input=features"])
+    model = nnx.eval_shape(stage1.model_fn(cfg))
+    assert model.musicgen is None
+
+
+@pytest.mark.parametrize("audio_input", ["codes", "features"])
+def test_batch_spec_matches_pipeline(corpus, audio_input):
+    cfg = tiny_config(corpus, f"stage1.audio_input={audio_input}", "train.global_batch_size=4")
+    local = next(stage1.train_data(cfg, stage1.load_split(cfg, "train"))(0, 1))
+    spec = stage1.batch_spec(cfg, 4)
+    assert set(spec) == set(local)
+    for key, want in spec.items():
+        assert local[key].shape == want.shape, key
+        assert np.dtype(local[key].dtype) == np.dtype(want.dtype), key
