@@ -171,7 +171,7 @@ def place(module: nnx.Module, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
     """Splits ``module`` and puts its state on ``mesh`` as the active rules declare (call inside
     :func:`sharding.use_mesh`)."""
     graphdef, state = nnx.split(module)
-    return graphdef, jax.device_put(state, nnx.get_named_sharding(state, mesh))
+    return graphdef, jax.device_put(state, sharding.named_shardings(state, mesh))
 
 
 class FeatureExtractor:
