@@ -354,7 +354,10 @@ class Stage1Config:
     the step). ``dataset``: pop909 / piast / manifest (``data_dir`` = POP909 root, PIAST MIDI root
     or manifest .jsonl) or synthetic (a small generated corpus under ``data_dir``). ``codes_dir``:
     the per-song codes store; ``feature_cache_dir``: per-split feature caches (built from the codes
-    with ``musicgen_checkpoint`` when missing). ``field_mean``: ITG per-field mean, "valid"
+    with ``musicgen_checkpoint`` when missing; in codes mode it also initialises the frozen
+    MusicGen). ``qformer_init``: a Q-Former checkpoint (``python -m convert.musicbert``) to start
+    from; ``init_from``: a stage-1 checkpoint (``convert.bossa`` / ``save_stage1``) to start from
+    (not both). ``field_mean``: ITG per-field mean, "valid"
     (default) or "official" (SPEC 10.13). ``eval_batches``: validation batches per eval.
     """
 
@@ -366,6 +369,8 @@ class Stage1Config:
     codes_dir: str = ""
     feature_cache_dir: str = ""
     musicgen_checkpoint: str = ""
+    qformer_init: str = ""
+    init_from: str = ""
     synthetic_songs: int = 8
     synthetic_bars: int = 16
     transpose: bool = True
@@ -391,6 +396,11 @@ class Stage1Config:
             self.field_mean in ("valid", "official"),
             f"{prefix}.field_mean",
             f"must be 'valid' or 'official', got {self.field_mean!r}",
+        )
+        _require(
+            not (self.qformer_init and self.init_from),
+            f"{prefix}.qformer_init",
+            "give qformer_init or init_from, not both",
         )
         for name in ("synthetic_songs", "synthetic_bars", "num_threads"):
             _require(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")

@@ -260,6 +260,7 @@ def train(
     resume: bool = False,
     mesh: Mesh | None = None,
     after_step: Callable[[int], None] | None = None,
+    init_fn: Callable[[nnx.Module], nnx.Module] | None = None,
 ) -> TrainResult:
     """Runs (or resumes) training as described in the module docstring.
 
@@ -267,7 +268,9 @@ def train(
     mesh. ``trainable`` is the one trainable filter. ``train_data(process_index, process_count)``
     returns an iterator over this process's rows of each global batch (``global_batch_size /
     process_count`` rows) with grain's ``get_state``/``set_state``. ``after_step(step)`` is a
-    hook for tests and profilers.
+    hook for tests and profilers. ``init_fn(model) -> model`` runs on the sharded model before
+    the split (e.g. to write converted weights into it); it also runs when resuming, since frozen
+    parts are not in the training checkpoint.
     """
     cfg = config.train
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -285,6 +288,8 @@ def train(
     with contextlib.ExitStack() as stack:
         stack.enter_context(use_mesh(mesh, rules_of(config.mesh)))
         model = create_sharded(model_fn)
+        if init_fn is not None:
+            model = init_fn(model)
         tx = make_optimizer(cfg.optim, cfg.total_steps)
         program = build_program(model, trainable, loss_fn, tx, mesh, compute_dtype=compute_dtype)
         del model

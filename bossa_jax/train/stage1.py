@@ -25,6 +25,7 @@ process (each process reads only its rows of every global batch).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -39,13 +40,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bossa_jax import sharding
-from bossa_jax.config import Config, Stage1Config
+from bossa_jax import checkpoint, sharding
+from bossa_jax.config import Config, QFormerConfig, Stage1Config, build
 from bossa_jax.data import feature_cache as fc
 from bossa_jax.data import pipeline as pl
 from bossa_jax.data import readers, synthetic
-from bossa_jax.errors import ConfigError, DataError
-from bossa_jax.models.bossa import TRAINABLE, Stage1Model, stage1_loss_fn
+from bossa_jax.errors import CheckpointError, ConfigError, DataError
+from bossa_jax.models.bossa import TRAINABLE, Stage1Model, load_stage1, stage1_loss_fn
+from bossa_jax.models.qformer import QFormer
 from bossa_jax.outputs import atomic_output
 from bossa_jax.train import loop
 from bossa_jax.train.optim import make_optimizer
@@ -95,6 +97,101 @@ def model_fn(config: Config) -> Callable[[], Stage1Model]:
         )
 
     return build
+
+
+def write_params(target: nnx.Module, source: nnx.Module, where: str, *, skip: str = "") -> int:
+    """Copies every parameter of ``target`` from the one at the same path in ``source``, keeping
+    the target's sharding and dtype; paths under ``skip`` may be absent from ``source``. Returns
+    how many were written. A missing parameter or another shape is a one-line CheckpointError
+    naming ``where`` (the checkpoint) and the parameter."""
+    available = {p: v for p, v in nnx.iter_graph(source) if isinstance(v, nnx.Param)}
+    written = 0
+    for path, var in nnx.iter_graph(target):
+        if not isinstance(var, nnx.Param):
+            continue
+        key = ".".join(str(k) for k in path)
+        value = available.get(path)
+        if value is None:
+            if skip and key.startswith(skip):
+                continue
+            raise CheckpointError(f"{where}: no parameter '{key}' in the checkpoint")
+        current, new = var[...], value[...]
+        if tuple(new.shape) != tuple(current.shape):
+            raise CheckpointError(
+                f"{where}: parameter '{key}' has shape {tuple(new.shape)}, the model expects "
+                f"{tuple(current.shape)}"
+            )
+        var[...] = jax.device_put(jnp.asarray(new, current.dtype), current.sharding)
+        written += 1
+    return written
+
+
+@contextlib.contextmanager
+def _host_loading() -> Iterator[None]:
+    """Checkpoints are restored outside the training mesh (orbax cannot restore into the abstract
+    shardings the training mesh gives ``nnx.eval_shape``); ``write_params`` reshards them."""
+    with jax.set_mesh(Mesh(np.empty((), dtype=object), ())):
+        yield
+
+
+def _load_qformer(path: Path) -> QFormer:
+    stored = checkpoint.read_config(path)
+    if not isinstance(stored.get("qformer"), dict):
+        raise CheckpointError(f"{path}: not a Q-Former checkpoint (no 'qformer' section)")
+    try:
+        cfg = build(QFormerConfig, stored["qformer"], "qformer")
+        cfg.validate("qformer")
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    return checkpoint.load_module(path, lambda: QFormer(cfg, rngs=nnx.Rngs(0)))
+
+
+def init_fn(config: Config) -> Callable[[Stage1Model], Stage1Model]:
+    """The stage-1 ``loop.train`` init hook: writes converted weights into the sharded model.
+
+    ``stage1.init_from`` (a stage-1 checkpoint) fills the whole model (MusicGen too when the
+    checkpoint has it); ``stage1.qformer_init`` (``python -m convert.musicbert``) fills the
+    Q-Former, the heads keep their fresh init (SPEC 2.3); ``stage1.musicgen_checkpoint`` fills the
+    frozen MusicGen in codes mode. Without any MusicGen source in codes mode MusicGen stays
+    randomly initialised (fine for smoke runs; a warning says so).
+    """
+    cfg = config.stage1
+
+    def init(model: Stage1Model) -> Stage1Model:
+        musicgen_loaded = False
+        if cfg.init_from:
+            path = _require_path(cfg.init_from, "init_from", "stage-1 checkpoint")
+            with _host_loading():
+                source = load_stage1(path)
+            write_params(model, source, str(path), skip="musicgen")
+            musicgen_loaded = source.musicgen is not None
+            log.info("initialised stage 1 from %s", path)
+            del source
+        if cfg.qformer_init:
+            path = _require_path(cfg.qformer_init, "qformer_init", "converted Q-Former")
+            with _host_loading():
+                source = _load_qformer(path)
+            write_params(model.qformer, source, str(path))
+            log.info("initialised the Q-Former from %s", path)
+        if model.musicgen is not None:
+            if cfg.musicgen_checkpoint:
+                path = _require_path(
+                    cfg.musicgen_checkpoint, "musicgen_checkpoint", "converted MusicGen"
+                )
+                from bossa_jax.models.musicgen import load_musicgen
+
+                with _host_loading():
+                    source = load_musicgen(path, dtype=model.musicgen.cfg.dtype)
+                write_params(model.musicgen, source, str(path))
+                log.info("initialised MusicGen from %s", path)
+            elif not musicgen_loaded:
+                log.warning(
+                    "stage1.musicgen_checkpoint is not set: MusicGen is randomly initialised "
+                    "(fine for smoke runs only)"
+                )
+        return model
+
+    return init
 
 
 def make_loss_fn(cfg: Stage1Config, *, train: bool = True) -> LossFn:
@@ -431,4 +528,5 @@ def run(config: Config, *, resume: bool = False, mesh: Mesh | None = None) -> lo
         eval_loss_fn=make_loss_fn(config.stage1, train=False),
         resume=resume,
         mesh=mesh,
+        init_fn=init_fn(config),
     )
