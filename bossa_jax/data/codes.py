@@ -1,0 +1,169 @@
+"""Per-song EnCodec codes store from a corpus's audio (DESIGN "Layout": data/; SPEC 1.1).
+
+``python -m bossa_jax.data.codes --config CFG --encodec CKPT --dataset pop909|piast|manifest
+--data-dir D [--audio-dir A] --out DIR`` reads the corpus with :mod:`bossa_jax.data.readers`,
+decodes each song's whole audio (mono, resampled to 32 kHz by :func:`bossa_jax.audio.load_clip`)
+and encodes it with the converted EnCodec (``python -m convert.encodec``) into a codes store
+(:func:`bossa_jax.data.feature_cache.build_codes_store`: resumable, an interrupted run continues
+where it stopped). Flags left out come from the config's ``stage1`` section.
+
+Songs are encoded in fixed chunks of ``--chunk-seconds`` (default 30 s; the last one zero-padded)
+so one compiled encode shape serves every song. EnCodec's convolutions and LSTM see across a chunk
+boundary in whole-file encoding, so codes within a few frames of each boundary (and the frames of
+the zero-padded tail) can differ from encoding the whole file at once; stage 1 samples 10.16 s
+windows, so this changes a small fraction of frames. Each song has ``ceil(samples / 640)`` frames.
+
+A first pass decodes every song's audio and skips (with a count) the missing, undecodable, too
+short or silent ones, so one bad file never stops the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bossa_jax import audio
+from bossa_jax.config import load_config
+from bossa_jax.data import feature_cache as fc
+from bossa_jax.data import readers
+from bossa_jax.errors import AudioError, ConfigError, run_cli
+
+log = logging.getLogger("bossa_jax.data")
+
+WHOLE_FILE = 2**40  # clip_frames larger than any file: load_clip returns the whole file
+DEFAULT_CHUNK_SECONDS = 30.0
+
+
+def load_whole(path: str | Path) -> np.ndarray:
+    """The whole file as mono float32 at 32 kHz (load_clip's decoding and checks)."""
+    return audio.load_clip(path, clip_frames=WHOLE_FILE).samples
+
+
+def chunked_encoder(
+    encode: Callable[[np.ndarray], np.ndarray], chunk_samples: int, hop: int = 640
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``samples -> codes (K, ceil(samples / hop))`` by encoding ``(1, chunk_samples)`` chunks
+    (the last one zero-padded) with ``encode`` and concatenating the frames."""
+    if chunk_samples <= 0 or chunk_samples % hop:
+        raise ValueError(f"chunk_samples must be a positive multiple of {hop}: {chunk_samples}")
+
+    def run(samples: np.ndarray) -> np.ndarray:
+        frames = -(-samples.size // hop)
+        chunks = max(1, math.ceil(samples.size / chunk_samples))
+        padded = np.zeros(chunks * chunk_samples, np.float32)
+        padded[: samples.size] = samples
+        codes = [
+            np.asarray(encode(padded[i * chunk_samples : (i + 1) * chunk_samples][None]))[0]
+            for i in range(chunks)
+        ]
+        return np.concatenate(codes, axis=-1)[:, :frames]
+
+    return run
+
+
+def encodec_encoder(checkpoint: str | Path) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """(``(1, samples) -> codes (1, K, frames)`` with the converted EnCodec, compute id)."""
+    from bossa_jax.models.encodec import encode_fn, load_encodec
+
+    model = load_encodec(checkpoint)
+    graphdef, state = nnx.split(model)
+
+    def encode(batch: np.ndarray) -> np.ndarray:
+        return np.asarray(encode_fn(graphdef, state, jnp.asarray(batch)))
+
+    return encode, f"encodec:{Path(checkpoint).resolve()}"
+
+
+def song_sources(dataset: str, data_dir: str, audio_dir: str) -> list[readers.SongSource]:
+    if not data_dir:
+        raise ConfigError("--data-dir (config key 'stage1.data_dir'): not set")
+    audio_root = audio_dir or None
+    if dataset == "pop909":
+        return readers.pop909_sources(data_dir, audio_root)
+    if dataset == "piast":
+        return readers.piast_sources(data_dir, audio_root)
+    if dataset == "manifest":
+        return readers.manifest_sources(data_dir, log)[0]
+    raise ConfigError(f"--dataset: must be pop909, piast or manifest, got {dataset!r}")
+
+
+def build_from_audio(
+    out: str | Path,
+    sources: Sequence[readers.SongSource],
+    encode: Callable[[np.ndarray], np.ndarray],
+    *,
+    compute_id: str,
+    chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
+    progress: bool = True,
+) -> tuple[fc.CodesStore, int]:
+    """(the codes store of every readable song with usable audio, how many were skipped)."""
+    chunk_samples = round(chunk_seconds * audio.FRAME_RATE) * (
+        audio.SAMPLE_RATE // audio.FRAME_RATE
+    )
+    records, _ = readers.read_songs(sources, require_audio=True, logger=log)
+    songs, skipped = [], len(sources) - len(records)
+    for record in records:
+        try:
+            load_whole(record.audio)
+        except AudioError as err:
+            log.warning("skipped: %s", err)
+            skipped += 1
+            continue
+        songs.append((record.id, record.audio))
+    if not songs:
+        raise AudioError(f"no song with usable audio among {len(sources)} songs")
+    encode_song = chunked_encoder(encode, chunk_samples)
+    store = fc.build_codes_store(
+        out,
+        songs,
+        lambda path: encode_song(load_whole(path)),
+        compute_id=f"{compute_id}:chunk{chunk_samples}",
+        progress=progress,
+    )
+    return store, skipped
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bossa_jax.data.codes",
+        description="Per-song EnCodec codes store from a corpus's audio (stage1.codes_dir).",
+    )
+    parser.add_argument("--config", default=None, help="config (stage1 section gives defaults)")
+    parser.add_argument("--encodec", required=True, help="checkpoint of python -m convert.encodec")
+    parser.add_argument("--dataset", choices=("pop909", "piast", "manifest"), default=None)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--audio-dir", default=None)
+    parser.add_argument("--out", default=None, help="codes store folder (default stage1.codes_dir)")
+    parser.add_argument("--chunk-seconds", type=float, default=DEFAULT_CHUNK_SECONDS)
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = load_config(args.config, args.overrides).stage1
+    dataset = args.dataset or cfg.dataset
+    out = args.out or cfg.codes_dir
+    if not out:
+        raise ConfigError("--out (config key 'stage1.codes_dir'): not set")
+    if args.chunk_seconds <= 0:
+        raise ConfigError(f"--chunk-seconds: must be positive, got {args.chunk_seconds}")
+    sources = song_sources(
+        dataset,
+        args.data_dir if args.data_dir is not None else cfg.data_dir,
+        args.audio_dir if args.audio_dir is not None else cfg.audio_dir,
+    )
+    encode, compute_id = encodec_encoder(args.encodec)
+    store, skipped = build_from_audio(
+        out, sources, encode, compute_id=compute_id, chunk_seconds=args.chunk_seconds
+    )
+    print(f"wrote {out}: codes of {len(store.store)} songs; {skipped} skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
