@@ -245,7 +245,13 @@ def test_init_matches_official_procedure(converted):
 def test_cli_writes_a_loadable_checkpoint(converted, tmp_path, capsys):
     _, path, model, cfg = converted
     out = tmp_path / "qformer"
-    overrides = ["qformer.encoder_width=16", "qformer.num_query_tokens=4"]
+    # MusicGen width follows: the Q-Former cross-attends to its features (config check)
+    overrides = [
+        "qformer.encoder_width=16",
+        "qformer.num_query_tokens=4",
+        "musicgen.hidden_size=16",
+        "musicgen.num_attention_heads=4",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main, [str(path), str(out), *overrides])
     assert exit_info.value.code == 0, capsys.readouterr().err
