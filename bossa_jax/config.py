@@ -291,9 +291,7 @@ class OptimConfig:
             f"{prefix}.warmup_start_factor",
             f"must be in (0, 1], got {self.warmup_start_factor}",
         )
-        _require(
-            0.0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", f"must be in [0, lr={self.lr}]"
-        )
+        _require(0.0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", f"must be in [0, lr={self.lr}]")
         _require(
             self.decay_mask in ("all", "exclude_norms_biases"),
             f"{prefix}.decay_mask",
