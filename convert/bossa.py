@@ -159,18 +159,8 @@ def convert_stage1(
     model = nnx.eval_shape(
         lambda: Stage1Model(cfg.qformer, cfg.musicgen if with_musicgen else None, rngs=nnx.Rngs(0))
     )
-    _materialise(model)
     fill(model, values, source=name)
     return model
-
-
-def _materialise(model: nnx.Module) -> None:
-    """Gives an abstract module zero-filled host parameters (``fill`` overwrites every one)."""
-    for _, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Variable):
-            value = var.get_value()
-            if hasattr(value, "shape") and hasattr(value, "dtype"):
-                var.set_value(np.zeros(value.shape, value.dtype))
 
 
 def main(argv: Sequence[str]) -> int:

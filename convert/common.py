@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -164,7 +166,13 @@ def fill(
 
     Every parameter must receive a value of exactly its shape; a mismatch names the parameter,
     the expected and the found shape; parameters left without a value are listed by name.
+    ``module`` may be abstract (``nnx.eval_shape``): its other variables are given zeros.
     """
+    for _, var in nnx.iter_graph(module):
+        if not isinstance(var, nnx.Param) and isinstance(var, nnx.Variable):
+            value = var.get_value()
+            if isinstance(value, jax.ShapeDtypeStruct):
+                var.set_value(jnp.zeros(value.shape, value.dtype))
     params = param_paths(module)
     unknown = sorted(set(values) - set(params))
     if unknown:

@@ -34,7 +34,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -361,18 +360,8 @@ def convert_musicgen(
         )
     values = (hf_to_flax if fmt == "hf" else audiocraft_to_flax)(tensors, cfg, source=name)
     model = nnx.eval_shape(lambda: MusicgenFeatures(cfg, rngs=nnx.Rngs(0)))
-    _materialise(model)
     fill(model, values, source=name)
     return model
-
-
-def _materialise(model: nnx.Module) -> None:
-    """Gives an abstract module zero-filled parameters (``fill`` overwrites every one of them)."""
-    for _, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Variable):
-            value = var.get_value()
-            if hasattr(value, "shape") and hasattr(value, "dtype"):
-                var.set_value(jnp.zeros(value.shape, value.dtype))
 
 
 def main(argv: Sequence[str]) -> int:
