@@ -119,7 +119,8 @@ def main(argv: Sequence[str]) -> int:
     # tensorboardX imports torch when it is installed (seconds); training never needs it
     sys.modules.setdefault("torch", None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    for noisy in ("absl", "jax"):  # backend probing (e.g. "no libtpu") is not the user's business
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = list(argv)
     if not argv or argv[0] not in COMMANDS:
         if argv and argv[0] in ("-h", "--help"):
