@@ -34,7 +34,7 @@ from flax import nnx
 from bossa_jax.config import Config, load_config
 from bossa_jax.errors import CheckpointError, run_cli
 from bossa_jax.models.bossa import Stage1Model, save_stage1
-from convert.common import TensorReader, fill, load_state_dict, param_paths
+from convert.common import TensorReader, check_missing, fill, load_state_dict, param_paths
 from convert.musicbert import Rule, _same, _transpose, official_qformer_rules
 from convert.musicgen import HF_BLOCK_TABLE, hf_to_flax
 
@@ -101,10 +101,7 @@ def stage1_values(
 
     rules = stage1_rules(cfg)
     needed = [key for key, _ in rules.values()] + (musicgen_keys(cfg) if with_musicgen else [])
-    missing = [k for k in needed if k not in renamed]
-    if missing:
-        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-        raise CheckpointError(f"{source}: missing keys {missing[:8]}{more}")
+    check_missing(renamed, needed, source=source)
 
     abstract = nnx.eval_shape(
         lambda: Stage1Model(cfg.qformer, cfg.musicgen if with_musicgen else None, rngs=nnx.Rngs(0))

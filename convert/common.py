@@ -189,10 +189,19 @@ def fill(
         var.set_value(np.asarray(value, dtype=cast or var.dtype))
     missing = sorted(set(params) - set(values))
     if missing:
-        raise CheckpointError(
-            f"{source}: no value for parameters {missing[:8]}"
-            + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        )
+        raise CheckpointError(f"{source}: no value for parameters {_first_eight(missing)}")
+
+
+def _first_eight(keys: list[str]) -> str:
+    """``keys`` for an error line: the first eight, then how many more."""
+    return f"{keys[:8]}" + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+
+def check_missing(tensors: Mapping[str, np.ndarray], needed: Iterable[str], *, source: str) -> None:
+    """Raises naming the ``needed`` keys (in their order) that ``tensors`` lacks."""
+    missing = [k for k in needed if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{source}: missing keys {_first_eight(missing)}")
 
 
 def check_keys(
@@ -202,18 +211,22 @@ def check_keys(
     source: str,
     ignore_prefixes: Iterable[str] = (),
     ignore_suffixes: Iterable[str] = (),
+    names: Mapping[str, str] | None = None,
 ) -> None:
-    """Raises when source keys are neither used nor deliberately ignored (by prefix/suffix)."""
+    """Raises when source keys are neither used nor deliberately ignored (by prefix/suffix).
+
+    ``names`` maps renamed keys back to the upstream names the report should show.
+    """
     used = set(used)
+    names = names or {}
     ignore_prefixes, ignore_suffixes = tuple(ignore_prefixes), tuple(ignore_suffixes)
     unexpected = sorted(
-        k
+        names.get(k, k)
         for k in tensors
         if k not in used and not k.startswith(ignore_prefixes) and not k.endswith(ignore_suffixes)
     )
     if unexpected:
-        more = f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""
-        raise CheckpointError(f"{source}: unexpected keys {unexpected[:8]}{more}")
+        raise CheckpointError(f"{source}: unexpected keys {_first_eight(unexpected)}")
 
 
 class TensorReader:

@@ -40,7 +40,15 @@ from bossa_jax.checkpoint import save_module
 from bossa_jax.config import QFormerConfig, build, load_config
 from bossa_jax.errors import CheckpointError, ConfigError, run_cli
 from bossa_jax.models.qformer import FIELDS_PER_NOTE, QFormer
-from convert.common import TensorReader, _torch_load, fill, load_state_dict, param_paths
+from convert.common import (
+    TensorReader,
+    _torch_load,
+    check_keys,
+    check_missing,
+    fill,
+    load_state_dict,
+    param_paths,
+)
 
 # SPEC 2.3's table, in its order: substring replacements fairseq MusicBERT -> official BOSSA.
 MUSICBERT_RENAMES: tuple[tuple[str, str], ...] = (
@@ -271,10 +279,7 @@ def convert_musicbert(
     tensors, args = read_fairseq_checkpoint(path)
     cfg = infer_config(tensors, args, base or QFormerConfig(), source)
 
-    missing = [k for k in musicbert_keys(cfg.num_hidden_layers) if k not in tensors]
-    if missing:
-        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-        raise CheckpointError(f"{source}: missing keys {missing[:8]}{more}")
+    check_missing(tensors, musicbert_keys(cfg.num_hidden_layers), source=source)
     official = {}
     original_names = {}
     for key, value in tensors.items():
@@ -315,17 +320,16 @@ def convert_musicbert(
     values.update({path: current[path] for path in fresh})
     fill(model, values, source=source)
 
-    unused = sorted(
-        original_names.get(k, k)
-        for k in official
-        if k not in reader.used
-        and not k.endswith(IGNORED_SUFFIXES)
-        and not k.startswith(IGNORED_PREFIXES)
-        and "_query" not in k
+    # the query FFN copies are read through their own rules, not as checkpoint keys
+    copies = {k for k in official if "_query" in k}
+    check_keys(
+        official,
+        reader.used | copies,
+        source=source,
+        ignore_prefixes=IGNORED_PREFIXES,
+        ignore_suffixes=IGNORED_SUFFIXES,
+        names=original_names,
     )
-    if unused:
-        more = f" and {len(unused) - 8} more" if len(unused) > 8 else ""
-        raise CheckpointError(f"{source}: unexpected keys {unused[:8]}{more}")
     return model, cfg
 
 
