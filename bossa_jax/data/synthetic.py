@@ -18,6 +18,8 @@ import soundfile
 import symusic
 
 from bossa_jax import audio as audio_io
+from bossa_jax.data import feature_cache as fc
+from bossa_jax.data import readers
 from bossa_jax.symbolic.midi import write_midi
 
 CHORDS = (("C:maj", 48, (0, 4, 7)), ("A:min", 45, (0, 3, 7)), ("F:maj", 41, (0, 4, 7)))
@@ -88,6 +90,27 @@ def write_pop909_song(
         path.parent.mkdir(parents=True, exist_ok=True)
         soundfile.write(str(path), noise, audio_rate, subtype="PCM_16")
     return folder
+
+
+def write_pop909_corpus(
+    root: str | os.PathLike, songs: int, *, bars: int, compute_id: str = "synthetic"
+) -> list[str]:
+    """Writes ``songs`` songs (``001``, ``002``, ...; :func:`write_pop909_song`, seeded by their
+    position) under ``<root>/pop909`` with audio under ``<root>/audio``, and their
+    :func:`fake_codes` store under ``<root>/codes``; returns the song names."""
+    root = Path(root)
+    names = [f"{i + 1:03d}" for i in range(songs)]
+    for i, name in enumerate(names):
+        write_pop909_song(root / "pop909", name, bars=bars, seed=i, audio_root=root / "audio")
+    records, _ = readers.read_songs(readers.pop909_sources(root / "pop909", root / "audio"))
+    fc.build_codes_store(
+        root / "codes",
+        [(r.id, r.audio) for r in records],
+        fake_codes,
+        compute_id=compute_id,
+        progress=False,
+    )
+    return names
 
 
 def fake_codes(audio_path: str | os.PathLike, num_codebooks: int = 4) -> np.ndarray:

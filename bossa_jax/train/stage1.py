@@ -310,21 +310,9 @@ def write_synthetic_corpus(root: str | Path, songs: int, bars: int) -> Path:
     root = Path(root)
     if (root / "codes" / fc.MANIFEST).is_file() and (root / SPLIT_FILE).is_file():
         return root
-    names = [f"{i + 1:03d}" for i in range(songs)]
-    for i, name in enumerate(names):
-        synthetic.write_pop909_song(
-            root / "pop909", name, bars=bars, seed=i, audio_root=root / "audio"
-        )
+    names = synthetic.write_pop909_corpus(root, songs, bars=bars)
     held_out = max(1, math.ceil(songs / 5))
     split = {"pop909": {"validation": names[-2 * held_out : -held_out], "test": names[-held_out:]}}
-    records, _ = readers.read_songs(readers.pop909_sources(root / "pop909", root / "audio"))
-    fc.build_codes_store(
-        root / "codes",
-        [(r.id, r.audio) for r in records],
-        synthetic.fake_codes,
-        compute_id="synthetic",
-        progress=False,
-    )
     with atomic_output(root / SPLIT_FILE) as tmp:
         tmp.write_text(json.dumps(split))
     return root

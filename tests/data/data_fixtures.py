@@ -21,18 +21,7 @@ def write_corpus(root: Path) -> Path:
     root = Path(root)
     if (root / "codes" / fc.MANIFEST).is_file():
         return root
-    for i, name in enumerate(SONGS):
-        synthetic.write_pop909_song(
-            root / "pop909", name, bars=BARS, seed=i, audio_root=root / "audio"
-        )
-    records, _ = readers.read_songs(readers.pop909_sources(root / "pop909", root / "audio"))
-    fc.build_codes_store(
-        root / "codes",
-        [(r.id, r.audio) for r in records],
-        synthetic.fake_codes,
-        compute_id="fake",
-        progress=False,
-    )
+    synthetic.write_pop909_corpus(root, len(SONGS), bars=BARS, compute_id="fake")
     return root
 
 
