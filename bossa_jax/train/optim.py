@@ -46,14 +46,15 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup, cosine], boundaries=[cfg.warmup_steps])
 
 
-def _path_names(path: Sequence[Any]) -> list[str]:
+def path_names(path: Sequence[Any]) -> tuple[str, ...]:
+    """The names of a pytree key path (dict keys, attribute names, sequence indices) as strings."""
     names = []
     for entry in path:
         for attr in ("key", "name", "idx"):
             if hasattr(entry, attr):
                 names.append(str(getattr(entry, attr)))
                 break
-    return names
+    return tuple(names)
 
 
 def decay_mask(params: Any) -> Any:
@@ -61,7 +62,7 @@ def decay_mask(params: Any) -> Any:
     whose path names none of ``NO_DECAY_NAMES``."""
 
     def keep(path: Sequence[Any], leaf: Any) -> bool:
-        names = _path_names(path)
+        names = path_names(path)
         return leaf.ndim >= 2 and not any(n in NO_DECAY_NAMES for n in names)
 
     return jax.tree_util.tree_map_with_path(keep, params)

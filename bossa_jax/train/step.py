@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bossa_jax.sharding import batch_sharding
+from bossa_jax.train.optim import path_names
 
 log = logging.getLogger("bossa_jax.train")
 
@@ -65,16 +66,6 @@ def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:
     return jax.tree.map(cast, tree)
 
 
-def _key_tuple(path: tuple[Any, ...]) -> tuple[str, ...]:
-    out = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                out.append(str(getattr(entry, attr)))
-                break
-    return tuple(out)
-
-
 def opt_state_shardings(
     tx: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Mesh
 ) -> Any:
@@ -84,12 +75,12 @@ def opt_state_shardings(
     for (path, p), s in zip(
         jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings)
     ):
-        by_path[_key_tuple(path)] = (tuple(p.shape), s)
+        by_path[path_names(path)] = (tuple(p.shape), s)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract = jax.eval_shape(tx.init, params)
 
     def pick(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
-        keys = _key_tuple(path)
+        keys = path_names(path)
         for start in range(len(keys)):
             hit = by_path.get(keys[start:])
             if hit is not None and hit[0] == tuple(leaf.shape):
