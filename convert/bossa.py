@@ -34,8 +34,8 @@ from flax import nnx
 from bossa_jax.config import Config, load_config
 from bossa_jax.errors import CheckpointError, run_cli
 from bossa_jax.models.bossa import Stage1Model, save_stage1
-from convert.common import TensorReader, check_missing, fill, load_state_dict, param_paths
-from convert.musicbert import Rule, _same, _transpose, official_qformer_rules
+from convert.common import TensorReader, check_missing, fill, load_state_dict
+from convert.musicbert import Rule, _same, _transpose, official_qformer_rules, values_from_official
 from convert.musicgen import HF_BLOCK_TABLE, hf_to_flax
 
 # LAVIS-style names -> official BOSSA names (Blip2Musecoco's renames, SPEC 4.1 / 7)
@@ -88,6 +88,12 @@ def musicgen_keys(cfg: Config) -> list[str]:
     return keys + [f"{prefix}layer_norm.weight", f"{prefix}layer_norm.bias"]
 
 
+def _abstract_stage1(cfg: Config, with_musicgen: bool) -> Stage1Model:
+    return nnx.eval_shape(
+        lambda: Stage1Model(cfg.qformer, cfg.musicgen if with_musicgen else None, rngs=nnx.Rngs(0))
+    )
+
+
 def stage1_values(
     tensors: Mapping[str, np.ndarray], cfg: Config, *, with_musicgen: bool, source: str
 ) -> dict[str, np.ndarray]:
@@ -103,21 +109,10 @@ def stage1_values(
     needed = [key for key, _ in rules.values()] + (musicgen_keys(cfg) if with_musicgen else [])
     check_missing(renamed, needed, source=source)
 
-    abstract = nnx.eval_shape(
-        lambda: Stage1Model(cfg.qformer, cfg.musicgen if with_musicgen else None, rngs=nnx.Rngs(0))
-    )
-    shapes = {path: tuple(var.shape) for path, var in param_paths(abstract).items()}
     reader = TensorReader(renamed, source)
-    values: dict[str, np.ndarray] = {}
-    for path, (key, transform) in rules.items():
-        value = transform(np.asarray(reader(key)))
-        if value.shape != shapes[path]:
-            want = shapes[path][::-1] if transform is _transpose else shapes[path]
-            raise CheckpointError(
-                f"{source}: shape mismatch for '{key}': expected {want}, "
-                f"found {tuple(renamed[key].shape)}"
-            )
-        values[path] = value
+    values = values_from_official(
+        _abstract_stage1(cfg, with_musicgen), reader, rules, source=source
+    )
     if TIED_BIAS[0] in renamed:  # HF registers the LM-head bias under two names
         if not np.array_equal(renamed[TIED_BIAS[0]], renamed[TIED_BIAS[1]]):
             raise CheckpointError(f"{source}: '{TIED_BIAS[0]}' differs from '{TIED_BIAS[1]}'")
@@ -153,9 +148,7 @@ def convert_stage1(
     name = "state dict" if isinstance(source, Mapping) else str(source)
     tensors = load_state_dict(source)
     values = stage1_values(tensors, cfg, with_musicgen=with_musicgen, source=name)
-    model = nnx.eval_shape(
-        lambda: Stage1Model(cfg.qformer, cfg.musicgen if with_musicgen else None, rngs=nnx.Rngs(0))
-    )
+    model = _abstract_stage1(cfg, with_musicgen)
     fill(model, values, source=name)
     return model
 

@@ -173,7 +173,7 @@ def official_qformer_rules(
 
 
 def values_from_official(
-    model: QFormer,
+    model: nnx.Module,
     read: Callable[[str], np.ndarray],
     rules: Mapping[str, Rule],
     *,
