@@ -55,6 +55,7 @@ from bossa_jax.train.step import (
     LossFn,
     TrainProgram,
     TrainState,
+    batch_shardings,
     build_program,
     make_train_step,
     opt_state_shardings,
@@ -283,7 +284,7 @@ def abstract_step(config: Config, mesh: Mesh, global_batch: int | None = None) -
     state = TrainState(step, params, opt_state)
     state_sharding = TrainState(replicated, param_sharding, opt_sharding)
     batch = batch_spec(config, global_batch)
-    b_sharding = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in batch.items()}
+    b_sharding = batch_shardings(mesh, batch)
     batch = _sharded_abstract(batch, b_sharding)
     key = jax.eval_shape(lambda: jax.random.key(0))
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
