@@ -208,6 +208,51 @@ def _checked(
     return value.T if kernel else value
 
 
+class _Taker:
+    """Reads source tensors into Flax orientation, each checked against the abstract model."""
+
+    def __init__(self, read: TensorReader, cfg: MusicgenConfig, source: str):
+        self.read, self.cfg, self.source = read, cfg, source
+        self.shapes = expected_shapes(cfg)
+
+    def __call__(
+        self, key: str, path: str, *, kernel: bool = False, stacked: bool = False
+    ) -> np.ndarray:
+        want = self.shapes[path][1:] if stacked else self.shapes[path]
+        return _checked(self.read(key), key, want, kernel=kernel, source=self.source)
+
+    def tables(self, key: str) -> np.ndarray:
+        """The concatenated codebook table from the per-codebook ``key.format(q=...)`` tables."""
+        rows, dim = self.shapes[EMBED]
+        want = (rows // self.cfg.num_codebooks, dim)
+        return _tables(
+            [
+                _checked(self.read(k), k, want, kernel=False, source=self.source)
+                for k in (key.format(q=q) for q in range(self.cfg.num_codebooks))
+            ]
+        )
+
+    def blocks(
+        self, layer_key: str, table: tuple[tuple[str, str, bool], ...]
+    ) -> dict[str, np.ndarray]:
+        """The stacked block parameters of the first ``keep_layers`` layers (``layer_key`` takes
+        ``{i}``) by the name table."""
+        return {
+            f"layers.{flax_name}": np.stack(
+                [
+                    self(
+                        layer_key.format(i=i) + name,
+                        f"layers.{flax_name}",
+                        kernel=kernel,
+                        stacked=True,
+                    )
+                    for i in range(self.cfg.keep_layers)
+                ]
+            )
+            for flax_name, name, kernel in table
+        }
+
+
 def hf_to_flax(
     tensors: Mapping[str, np.ndarray], cfg: MusicgenConfig, *, source: str
 ) -> dict[str, np.ndarray]:
@@ -216,31 +261,9 @@ def hf_to_flax(
     if prefix is None:
         raise CheckpointError(f"{source}: no MusicGen decoder embeddings (…embed_tokens.0.weight)")
     read = TensorReader(tensors, source)
-    shapes = expected_shapes(cfg)
-    out: dict[str, np.ndarray] = {}
-
-    def take(
-        key: str, path: str, *, kernel: bool = False, stacked: bool = False, table: bool = False
-    ) -> np.ndarray:
-        want = shapes[path][1:] if stacked else shapes[path]
-        if table:  # one codebook's rows of the concatenated table
-            want = (want[0] // cfg.num_codebooks, want[1])
-        return _checked(read(key), key, want, kernel=kernel, source=source)
-
-    out[EMBED] = _tables(
-        [
-            take(f"{prefix}embed_tokens.{q}.weight", EMBED, table=True)
-            for q in range(cfg.num_codebooks)
-        ]
-    )
-    for flax_name, hf_name, kernel in HF_BLOCK_TABLE:
-        path = f"layers.{flax_name}"
-        out[path] = np.stack(
-            [
-                take(f"{prefix}layers.{i}.{hf_name}", path, kernel=kernel, stacked=True)
-                for i in range(cfg.keep_layers)
-            ]
-        )
+    take = _Taker(read, cfg, source)
+    out = {EMBED: take.tables(f"{prefix}embed_tokens.{{q}}.weight")}
+    out.update(take.blocks(f"{prefix}layers.{{i}}.", HF_BLOCK_TABLE))
     out["layer_norm.scale"] = take(f"{prefix}layer_norm.weight", "layer_norm.scale")
     out["layer_norm.bias"] = take(f"{prefix}layer_norm.bias", "layer_norm.bias")
     ignored = list(HF_IGNORED)
@@ -256,42 +279,18 @@ def audiocraft_to_flax(
 ) -> dict[str, np.ndarray]:
     """audiocraft LM tensors -> Flax dotted paths (first ``keep_layers`` blocks)."""
     read = TensorReader(tensors, source)
-    shapes = expected_shapes(cfg)
+    take = _Taker(read, cfg, source)
     d = cfg.hidden_size
-    out: dict[str, np.ndarray] = {}
-
-    def take(
-        key: str, path: str, *, kernel: bool = False, stacked: bool = False, table: bool = False
-    ) -> np.ndarray:
-        want = shapes[path][1:] if stacked else shapes[path]
-        if table:  # one codebook's rows of the concatenated table
-            want = (want[0] // cfg.num_codebooks, want[1])
-        return _checked(read(key), key, want, kernel=kernel, source=source)
-
-    out[EMBED] = _tables(
-        [take(f"emb.{q}.weight", EMBED, table=True) for q in range(cfg.num_codebooks)]
-    )
+    out = {EMBED: take.tables("emb.{q}.weight")}
     qkv: dict[str, list[np.ndarray]] = {"q_proj": [], "k_proj": [], "v_proj": []}
     for i in range(cfg.keep_layers):
         key = f"transformer.layers.{i}.self_attn.in_proj_weight"
-        fused = read(key)
-        if fused.shape != (3 * d, d):
-            raise CheckpointError(
-                f"{source}: shape mismatch for '{key}': expected {(3 * d, d)}, "
-                f"found {tuple(fused.shape)}"
-            )
+        fused = _checked(read(key), key, (3 * d, d), kernel=False, source=source)
         for j, name in enumerate(qkv):
             qkv[name].append(fused[j * d : (j + 1) * d].T)
     for name, per_layer in qkv.items():
         out[f"layers.self_attn.{name}.kernel"] = np.stack(per_layer)
-    for flax_name, ac_name, kernel in AUDIOCRAFT_BLOCK_TABLE:
-        path = f"layers.{flax_name}"
-        out[path] = np.stack(
-            [
-                take(f"transformer.layers.{i}.{ac_name}", path, kernel=kernel, stacked=True)
-                for i in range(cfg.keep_layers)
-            ]
-        )
+    out.update(take.blocks("transformer.layers.{i}.", AUDIOCRAFT_BLOCK_TABLE))
     out["layer_norm.scale"] = take("out_norm.weight", "layer_norm.scale")
     out["layer_norm.bias"] = take("out_norm.bias", "layer_norm.bias")
     ignored = list(AUDIOCRAFT_IGNORED)
