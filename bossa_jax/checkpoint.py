@@ -56,13 +56,14 @@ def load_module(path: str | os.PathLike, ctor: Callable[[], M]) -> M:
     abstract = nnx.eval_shape(ctor)
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     target = nnx.to_pure_dict(params)
+    target_str = _str_keys(target)
     with ocp.StandardCheckpointer() as ckptr:
         try:
             meta = ckptr.metadata(params_dir)
             stored = getattr(meta, "item_metadata", meta)
             stored = getattr(stored, "tree", stored)
-            _compare_shapes(_str_keys(target), stored, str(path))
-            restored = _like_keys(target, ckptr.restore(params_dir, _str_keys(target)))
+            _compare_shapes(target_str, stored, str(path))
+            restored = _like_keys(target, ckptr.restore(params_dir, target_str))
         except CheckpointError:
             raise
         except Exception as err:
@@ -70,11 +71,19 @@ def load_module(path: str | os.PathLike, ctor: Callable[[], M]) -> M:
                 f"{path}: cannot restore parameters ({one_line(str(err))[:300]})"
             ) from None
     nnx.replace_by_pure_dict(params, restored)
-    rest = jax.tree.map(
-        lambda x: jax.numpy.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x,
-        rest,
-    )
-    return nnx.merge(graphdef, params, rest)
+    module = nnx.merge(graphdef, params, rest)
+    zero_abstract_state(module)
+    return module
+
+
+def zero_abstract_state(module: nnx.Module) -> None:
+    """Gives zeros to the non-parameter variables of an abstract module (``nnx.eval_shape``)
+    that still hold only a shape (e.g. caches and statistics no checkpoint stores)."""
+    for _, var in nnx.iter_graph(module):
+        if isinstance(var, nnx.Variable) and not isinstance(var, nnx.Param):
+            value = var.get_value()
+            if isinstance(value, jax.ShapeDtypeStruct):
+                var.set_value(jax.numpy.zeros(value.shape, value.dtype))
 
 
 def _str_keys(tree: Any) -> Any:

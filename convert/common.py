@@ -17,11 +17,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bossa_jax.checkpoint import zero_abstract_state
 from bossa_jax.errors import CheckpointError, one_line
 
 # The only globals a checkpoint pickle may name besides tensors: fairseq's ``args`` namespace and
@@ -168,11 +167,7 @@ def fill(
     the expected and the found shape; parameters left without a value are listed by name.
     ``module`` may be abstract (``nnx.eval_shape``): its other variables are given zeros.
     """
-    for _, var in nnx.iter_graph(module):
-        if not isinstance(var, nnx.Param) and isinstance(var, nnx.Variable):
-            value = var.get_value()
-            if isinstance(value, jax.ShapeDtypeStruct):
-                var.set_value(jnp.zeros(value.shape, value.dtype))
+    zero_abstract_state(module)
     params = param_paths(module)
     unknown = sorted(set(values) - set(params))
     if unknown:
