@@ -89,7 +89,7 @@ def detect_format(tensors: Mapping[str, np.ndarray]) -> str:
     """'hf' or 'audiocraft' from the key names."""
     if "emb.0.weight" in tensors and any(k.startswith("transformer.layers.") for k in tensors):
         return "audiocraft"
-    if hf_prefix(tensors, source="state dict") is not None:
+    if hf_prefix(tensors) is not None:
         return "hf"
     raise CheckpointError(
         "checkpoint is neither an HF MusicGen (…decoder.embed_tokens.0.weight) nor an audiocraft "
@@ -97,7 +97,8 @@ def detect_format(tensors: Mapping[str, np.ndarray]) -> str:
     )
 
 
-def hf_prefix(tensors: Mapping[str, np.ndarray], *, source: str) -> str | None:
+def hf_prefix(tensors: Mapping[str, np.ndarray]) -> str | None:
+    """The HF prefix under which the decoder keys lie (None: no HF MusicGen decoder)."""
     for prefix in HF_PREFIXES:
         if f"{prefix}embed_tokens.0.weight" in tensors:
             return prefix
@@ -127,7 +128,7 @@ def config_from_tensors(
 ) -> MusicgenConfig:
     """Sizes read off the tensors (used when no config.json is at hand)."""
     if fmt == "hf":
-        prefix = hf_prefix(tensors, source=source) or ""
+        prefix = hf_prefix(tensors) or ""
         rows, hidden = _shape(tensors, f"{prefix}embed_tokens.0.weight", source)
         ffn = _shape(tensors, f"{prefix}layers.0.fc1.weight", source)[0]
         layers = _layer_count(tensors, re.escape(prefix) + r"layers\.(\d+)\.")
@@ -257,7 +258,7 @@ def hf_to_flax(
     tensors: Mapping[str, np.ndarray], cfg: MusicgenConfig, *, source: str
 ) -> dict[str, np.ndarray]:
     """HF decoder tensors -> Flax dotted paths (first ``keep_layers`` blocks); reports leftovers."""
-    prefix = hf_prefix(tensors, source=source)
+    prefix = hf_prefix(tensors)
     if prefix is None:
         raise CheckpointError(f"{source}: no MusicGen decoder embeddings (…embed_tokens.0.weight)")
     read = TensorReader(tensors, source)
