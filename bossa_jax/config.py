@@ -155,6 +155,9 @@ class QFormerConfig:
     layer_norm_eps: float = 1e-12  # bert-base (MusicBERT itself was trained with 1e-5)
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
+    # recompute each layer's activations in the backward pass instead of storing them: trades
+    # ~1/3 more Q-Former compute for memory (paper size on TPU v5e-16 needs it)
+    remat: bool = False
 
     def validate(self, prefix: str) -> None:
         _require(

@@ -343,19 +343,26 @@ class QFormer(nnx.Module):
             raise ValueError(
                 f"QFormer: past_kv has {len(past_kv)} layers, the model {len(self.layers)}"
             )
-        kvs = []
-        for i in range(len(self.layers)):
-            x, kv = self.layers[str(i)](
+
+        def run_layer(layer, x, self_bias, features, feature_mask, past):
+            return layer(
                 x,
                 query_length=query_length,
                 self_bias=self_bias,
                 features=features,
                 feature_mask=feature_mask,
-                past=None if past_kv is None else past_kv[i],
+                past=past,
                 dropout=dropout,
                 hidden_dropout=self.cfg.hidden_dropout,
                 attention_dropout=self.cfg.attention_dropout,
             )
+
+        if self.cfg.remat:
+            run_layer = nnx.remat(run_layer)
+        kvs = []
+        for i in range(len(self.layers)):
+            past = None if past_kv is None else past_kv[i]
+            x, kv = run_layer(self.layers[str(i)], x, self_bias, features, feature_mask, past)
             x = constrain(x, *ACTIVATION_AXES)
             kvs.append(kv)
         return x, tuple(kvs)

@@ -346,3 +346,20 @@ def test_loss_fn_dropout_follows_the_rng(models, batch):
     assert float(loss_a) == float(loss_b) and float(loss_a) != float(loss_c)
     assert "neg_symbo_idx" not in metrics and set(metrics) >= {"loss", "itc", "itm", "itg", "temp"}
     assert np.isfinite(float(loss_a))
+
+
+def test_remat_changes_memory_not_numbers(models, batch):
+    """``qformer.remat`` recomputes layer activations in the backward pass: same loss and
+    gradients as storing them."""
+    import dataclasses
+
+    _, model = models
+    remat = Stage1Model(dataclasses.replace(Q, remat=True), None, rngs=nnx.Rngs(1))
+    nnx.update(remat, nnx.state(model))
+    want_metrics, want = jax_losses(model, batch, "valid", grad=True)
+    got_metrics, got = jax_losses(remat, batch, "valid", grad=True)
+    np.testing.assert_allclose(float(got_metrics["loss"]), float(want_metrics["loss"]), rtol=1e-6)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(
+            np.asarray(g), np.asarray(w), atol=1e-6, err_msg=jax.tree_util.keystr(path)
+        )
