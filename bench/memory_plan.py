@@ -56,7 +56,7 @@ def _shard_bytes(tree) -> int:
     return int(total)
 
 
-def worker(preset: str, mode: str, batch: int) -> dict:
+def worker(preset: str, mode: str, batch: int, remat: bool) -> dict:
     import jax
 
     from bossa_jax import sharding
@@ -71,6 +71,7 @@ def worker(preset: str, mode: str, batch: int) -> dict:
             f"stage1.audio_input={mode}",
             f"train.global_batch_size={batch}",
             "train.compute_dtype=bfloat16",
+            f"qformer.remat={str(remat).lower()}",
         ],
     )
     mesh = sharding.make_mesh(cfg.mesh)
@@ -101,6 +102,7 @@ def worker(preset: str, mode: str, batch: int) -> dict:
     return {
         "preset": preset,
         "mode": mode,
+        "remat": remat,
         "devices": len(jax.devices()),
         "mesh": dict(mesh.shape),
         "global_batch": batch,
@@ -115,17 +117,26 @@ def worker(preset: str, mode: str, batch: int) -> dict:
     }
 
 
+def _key(row: dict) -> tuple:
+    return row["preset"], row["mode"], row.get("remat", False)
+
+
+def _mode(row: dict) -> str:
+    return row["mode"] + ("+remat" if row.get("remat") else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="*", default=list(PRESET_DEVICES))
     parser.add_argument("--modes", nargs="*", default=["codes", "features"])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--append", action="store_true", help="merge into the existing JSON")
+    parser.add_argument("--remat", action="store_true", help="qformer.remat=true (recompute)")
     parser.add_argument("--worker", nargs=2, metavar=("PRESET", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        print("RESULT " + json.dumps(worker(*args.worker, args.batch)), flush=True)
+        print("RESULT " + json.dumps(worker(*args.worker, args.batch, args.remat)), flush=True)
         return
 
     rows = []
@@ -136,40 +147,41 @@ def main() -> None:
             env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={PRESET_DEVICES[preset]}"
             env["PYTHONPATH"] = str(ROOT)
             cmd = [sys.executable, __file__, "--worker", preset, mode, "--batch", str(args.batch)]
+            cmd += ["--remat"] if args.remat else []
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:  # recorded, not hidden: e.g. a rule that cannot shard a dimension
                 errors = [x for x in proc.stderr.splitlines() if "Error" in x]
                 reason = errors[-1] if errors else proc.stderr[-500:]
                 print(f"{preset}/{mode}: failed: {reason}", file=sys.stderr, flush=True)
-                rows.append({"preset": preset, "mode": mode, "error": reason})
+                rows.append({"preset": preset, "mode": mode, "remat": args.remat, "error": reason})
                 continue
             rows.append(json.loads(line[len("RESULT ") :]))
             r = rows[-1]
             print(f"{preset}/{mode}: compiled in {r['compile_s']:.0f} s", flush=True)
 
     cols = ("params", "opt_state", "frozen", "batch", "temporaries", "peak_estimate")
-    header = f"{'preset':16} {'mode':8} {'dev':>3} " + " ".join(f"{c:>13}" for c in cols)
+    header = f"{'preset':16} {'mode':14} {'dev':>3} " + " ".join(f"{c:>13}" for c in cols)
     print(f"\nper-device GB (paper-size stage 1, global batch {args.batch}, bf16 compute)")
     print(header + "  fits 80GB / 16GB")
     for r in rows:
         if "error" in r:
-            print(f"{r['preset']:16} {r['mode']:8} compile failed: {r['error'][:120]}")
+            print(f"{r['preset']:16} {_mode(r):14} compile failed: {r['error'][:120]}")
             continue
         d = r["per_device_bytes"]
         vals = " ".join(f"{d[c] / GB:13.2f}" for c in cols)
         fits = f"{'yes' if r['fits']['gpu_80GB'] else 'no'} / "
         fits += "yes" if r["fits"]["tpu_v5e_16GB"] else "no"
-        print(f"{r['preset']:16} {r['mode']:8} {r['devices']:3d} {vals}  {fits}")
+        print(f"{r['preset']:16} {_mode(r):14} {r['devices']:3d} {vals}  {fits}")
 
     from bossa_jax.outputs import atomic_output
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "memory_plan.json"
     if args.append and out.is_file():  # keep the other presets' rows of an earlier run
-        done = {(r["preset"], r["mode"]) for r in rows}
+        done = {_key(r) for r in rows}
         old_rows = json.loads(out.read_text())["rows"]
-        rows = [r for r in old_rows if (r["preset"], r["mode"]) not in done] + rows
+        rows = [r for r in old_rows if _key(r) not in done] + rows
     payload = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()} (CPU compile)",
         "note": "temporaries from the XLA:CPU compile of the step (a proxy for GPU/TPU)",
