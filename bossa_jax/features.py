@@ -174,6 +174,14 @@ def place(module: nnx.Module, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
     return graphdef, jax.device_put(state, sharding.named_shardings(state, mesh))
 
 
+def check_inputs(paths: Sequence[str], cfg: Config, *, has_encodec: bool) -> None:
+    """Validates every input (headers, code arrays); audio needs an EnCodec model."""
+    for path in paths:
+        if not is_codes_file(path) and not has_encodec:
+            raise ConfigError(f"{path}: audio input needs an EnCodec checkpoint (--encodec)")
+        _check_input(path, cfg)
+
+
 class FeatureExtractor:
     """Fixed-shape, jitted, batch-sharded EnCodec + MusicGen feature extraction.
 
@@ -219,10 +227,7 @@ class FeatureExtractor:
 
     def check(self, paths: Sequence[str]) -> None:
         """Validates every input (headers, code arrays) before any model work."""
-        for path in paths:
-            if not is_codes_file(path) and self.encodec_state is None:
-                raise ConfigError(f"{path}: audio input needs an EnCodec checkpoint (--encodec)")
-            _check_input(path, self.cfg)
+        check_inputs(paths, self.cfg, has_encodec=self.encodec_state is not None)
 
     def run_batch(self, items: Sequence[_Item]) -> tuple[np.ndarray, np.ndarray]:
         """Up to ``batch_size`` loaded items -> (codes, features) for those rows."""
@@ -405,10 +410,7 @@ def main(argv: Sequence[str]) -> int:
     if not random_init and args.musicgen is None:
         raise ConfigError("give --musicgen CHECKPOINT (or --random-init SEED for a smoke test)")
     # check inputs before loading checkpoints: a typo costs nothing
-    for path in paths:
-        if not is_codes_file(path) and args.encodec is None and not random_init:
-            raise ConfigError(f"{path}: audio input needs an EnCodec checkpoint (--encodec)")
-        _check_input(path, cfg)
+    check_inputs(paths, cfg, has_encodec=args.encodec is not None or random_init)
     if random_init:
         print(f"random weights (seed {args.random_init}): features are for smoke tests only")
         extractor = random_extractor(cfg, seed=args.random_init, batch_size=args.batch_size)
