@@ -18,10 +18,12 @@ import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
 
-from bossa_jax.errors import CheckpointError, one_line
+from bossa_jax.config import build
+from bossa_jax.errors import CheckpointError, ConfigError, one_line
 from bossa_jax.outputs import atomic_output
 
 M = TypeVar("M", bound=nnx.Module)
+C = TypeVar("C")
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.yaml"
 
@@ -42,6 +44,20 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     if not config.is_file():
         raise CheckpointError(f"{path}: not a bossa-jax checkpoint (no {CONFIG_FILE})")
     return yaml.safe_load(config.read_text()) or {}
+
+
+def read_section(path: str | os.PathLike, section: str, cls: type[C]) -> C:
+    """The config dataclass ``cls`` stored under ``section`` of a checkpoint's config, built and
+    validated; anything missing or invalid is a CheckpointError naming the path and the key."""
+    stored = read_config(path).get(section)
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{path}: no '{section}' section in its {CONFIG_FILE}")
+    try:
+        cfg = build(cls, stored, section)
+        cfg.validate(section)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    return cfg
 
 
 def load_module(path: str | os.PathLike, ctor: Callable[[], M]) -> M:

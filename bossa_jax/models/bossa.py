@@ -35,8 +35,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bossa_jax import checkpoint
-from bossa_jax.config import Config, MusicgenConfig, QFormerConfig, build
-from bossa_jax.errors import CheckpointError, ConfigError
+from bossa_jax.config import Config, MusicgenConfig, QFormerConfig
+from bossa_jax.errors import CheckpointError
 from bossa_jax.layers import LayerNorm, Linear
 from bossa_jax.models.musicgen import MusicgenFeatures
 from bossa_jax.models.qformer import QFormer
@@ -337,15 +337,10 @@ def load_stage1(path: str | os.PathLike, *, dtype: jnp.dtype | None = None) -> S
     stored = checkpoint.read_config(path)
     if stored.get("name") != "bossa_stage1" or not isinstance(stored.get("qformer"), dict):
         raise CheckpointError(f"{path}: not a BOSSA stage-1 checkpoint")
-    try:
-        qcfg = build(QFormerConfig, stored["qformer"], "qformer")
-        qcfg.validate("qformer")
-        mcfg = None
-        if stored.get("musicgen") is not None:
-            mcfg = build(MusicgenConfig, stored["musicgen"], "musicgen")
-            mcfg.validate("musicgen")
-    except ConfigError as err:
-        raise CheckpointError(f"{path}: {err}") from None
+    qcfg = checkpoint.read_section(path, "qformer", QFormerConfig)
+    mcfg = None
+    if stored.get("musicgen") is not None:
+        mcfg = checkpoint.read_section(path, "musicgen", MusicgenConfig)
     proj_dim = int(stored.get("proj_dim", PROJ_DIM))
     return checkpoint.load_module(
         path,

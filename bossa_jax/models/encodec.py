@@ -34,8 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bossa_jax.config import EncodecConfig, build
-from bossa_jax.errors import CheckpointError
+from bossa_jax.config import EncodecConfig
 from bossa_jax.layers import Linear
 
 CONFIG_SECTION = "encodec"
@@ -306,13 +305,9 @@ def load_encodec(
     param_dtype: jnp.dtype = jnp.float32,
 ) -> EncodecEncoder:
     """Reads a checkpoint written by ``python -m convert.encodec`` (config + parameters)."""
-    from bossa_jax.checkpoint import load_module, read_config
+    from bossa_jax.checkpoint import load_module, read_section
 
-    data = read_config(path)
-    if CONFIG_SECTION not in data:
-        raise CheckpointError(f"{path}: no '{CONFIG_SECTION}' section in its config.yaml")
-    cfg = build(EncodecConfig, data[CONFIG_SECTION], CONFIG_SECTION)
-    cfg.validate(CONFIG_SECTION)
+    cfg = read_section(path, CONFIG_SECTION, EncodecConfig)
     return load_module(
         path,
         lambda: EncodecEncoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bossa_jax import checkpoint
-from bossa_jax.config import MusicgenConfig, build
+from bossa_jax.config import MusicgenConfig
 from bossa_jax.errors import CheckpointError, ConfigError
 from bossa_jax.layers import (
     MLP,
@@ -159,17 +159,13 @@ def load_musicgen(
     ``dtype`` overrides the stored parameter/compute dtype (the restore casts); ``keep_layers``,
     when given, must equal the stored block count.
     """
-    stored = checkpoint.read_config(path)
-    section = stored.get(CONFIG_SECTION)
-    if not isinstance(section, dict):
-        raise CheckpointError(f"{path}: not a MusicGen checkpoint (no '{CONFIG_SECTION}' section)")
-    cfg = build(MusicgenConfig, section, CONFIG_SECTION)
+    cfg = checkpoint.read_section(path, CONFIG_SECTION, MusicgenConfig)
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
-    try:
-        cfg.validate(CONFIG_SECTION)
-    except ConfigError as err:
-        raise CheckpointError(f"{path}: {err}") from None
+        try:
+            cfg.validate(CONFIG_SECTION)
+        except ConfigError as err:
+            raise CheckpointError(f"{path}: {err}") from None
     if keep_layers is not None and keep_layers != cfg.keep_layers:
         raise CheckpointError(
             f"{path}: holds {cfg.keep_layers} MusicGen blocks, but {keep_layers} are configured "

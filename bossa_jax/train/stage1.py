@@ -41,7 +41,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bossa_jax import checkpoint, sharding
-from bossa_jax.config import Config, QFormerConfig, Stage1Config, build
+from bossa_jax.config import Config, QFormerConfig, Stage1Config
 from bossa_jax.data import feature_cache as fc
 from bossa_jax.data import pipeline as pl
 from bossa_jax.data import readers, synthetic
@@ -136,14 +136,7 @@ def _host_loading() -> Iterator[None]:
 
 
 def _load_qformer(path: Path) -> QFormer:
-    stored = checkpoint.read_config(path)
-    if not isinstance(stored.get("qformer"), dict):
-        raise CheckpointError(f"{path}: not a Q-Former checkpoint (no 'qformer' section)")
-    try:
-        cfg = build(QFormerConfig, stored["qformer"], "qformer")
-        cfg.validate("qformer")
-    except ConfigError as err:
-        raise CheckpointError(f"{path}: {err}") from None
+    cfg = checkpoint.read_section(path, "qformer", QFormerConfig)
     return checkpoint.load_module(path, lambda: QFormer(cfg, rngs=nnx.Rngs(0)))
 
 
