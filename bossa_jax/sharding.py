@@ -150,11 +150,6 @@ def create_sharded(ctor: Callable[[], M]) -> M:
     return nnx.merge(graphdef, state)
 
 
-def param_specs(module: nnx.Module, mesh: Mesh) -> Any:
-    """The PartitionSpec each parameter gets under the active rules (for tests and logs)."""
-    return jax.tree.map(lambda s: s.spec, named_shardings(nnx.state(module), mesh))
-
-
 def init_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,

@@ -13,7 +13,7 @@ import argparse
 import collections
 import json
 import pathlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,6 @@ def _global_name(obj: Any) -> str:
 
 
 Tensors = dict[str, np.ndarray]
-# A rule maps one Flax parameter path to the source key(s) and how to turn them into the value.
-Transform = Callable[..., np.ndarray]
 
 
 def _to_numpy(value: Any) -> np.ndarray:

@@ -19,7 +19,7 @@ from bossa_jax.layers.positions import (
     musicgen_positions,
     sinusoidal,
 )
-from bossa_jax.layers.stack import num_stacked, scan_modules, stack_modules
+from bossa_jax.layers.stack import scan_modules, stack_modules
 
 __all__ = [
     "MLP",
@@ -33,7 +33,6 @@ __all__ = [
     "fairseq_position_ids",
     "fairseq_positions",
     "musicgen_positions",
-    "num_stacked",
     "scan_modules",
     "sinusoidal",
     "stack_modules",

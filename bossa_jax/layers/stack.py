@@ -32,7 +32,3 @@ def scan_modules(stacked: M, carry: Any, step: Callable[[M, Any], Any]) -> Any:
 
     carry, _ = jax.lax.scan(body, carry, state)
     return carry
-
-
-def num_stacked(stacked: nnx.Module) -> int:
-    return jax.tree.leaves(nnx.state(stacked))[0].shape[0]
