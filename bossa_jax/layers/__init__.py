@@ -10,6 +10,7 @@ from flax import nnx as _nnx
 _nnx.use_eager_sharding(False)
 
 from bossa_jax.layers.attention import Attention, KVCache, dot_product_attention
+from bossa_jax.layers.dropout import Dropout
 from bossa_jax.layers.linear import Embed, Linear
 from bossa_jax.layers.mlp import MLP, activation
 from bossa_jax.layers.norm import LayerNorm
@@ -24,6 +25,7 @@ from bossa_jax.layers.stack import scan_modules, stack_modules
 __all__ = [
     "MLP",
     "Attention",
+    "Dropout",
     "Embed",
     "KVCache",
     "LayerNorm",

@@ -34,7 +34,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bossa_jax.config import QFormerConfig
-from bossa_jax.layers import MLP, Attention, Embed, LayerNorm, Linear, dot_product_attention
+from bossa_jax.layers import (
+    MLP,
+    Attention,
+    Dropout,
+    Embed,
+    LayerNorm,
+    Linear,
+    dot_product_attention,
+)
 from bossa_jax.layers.linear import default_kernel_init
 from bossa_jax.layers.mlp import activation
 from bossa_jax.sharding import constrain
@@ -47,33 +55,6 @@ KeyValue = tuple[jax.Array, jax.Array]  # projected keys, values: (B, L, heads, 
 PastKeyValues = tuple[KeyValue, ...]  # one (k, v) per layer
 
 
-class _Dropout:
-    """Inverted dropout, a fresh key per call site (trace-time counter); off without a key."""
-
-    def __init__(self, key: jax.Array | None):
-        self.key = key
-        self.count = 0
-
-    @property
-    def active(self) -> bool:
-        return self.key is not None
-
-    def __call__(self, x: jax.Array, rate: float) -> jax.Array:
-        if self.key is None or rate == 0.0:
-            return x
-        self.count += 1
-        keep = jax.random.bernoulli(jax.random.fold_in(self.key, self.count), 1.0 - rate, x.shape)
-        return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-def _dropout_stream(deterministic: bool, dropout_rng: jax.Array | None) -> _Dropout:
-    if deterministic:
-        return _Dropout(None)
-    if dropout_rng is None:
-        raise ValueError("QFormer: deterministic=False needs a dropout_rng key")
-    return _Dropout(dropout_rng)
-
-
 def _attend(
     attn: Attention,
     x: jax.Array,
@@ -82,7 +63,7 @@ def _attend(
     bias: jax.Array | None = None,
     mask: jax.Array | None = None,
     past: KeyValue | None = None,
-    dropout: _Dropout,
+    dropout: Dropout,
     attention_dropout: float,
 ) -> tuple[jax.Array, KeyValue]:
     """Multi-head attention through ``attn``'s projections; returns (output, this call's (k, v)).
@@ -174,7 +155,7 @@ class QFormerLayer(nnx.Module):
         features: jax.Array | None,
         feature_mask: jax.Array | None,
         past: KeyValue | None,
-        dropout: _Dropout,
+        dropout: Dropout,
         hidden_dropout: float,
         attention_dropout: float,
     ) -> tuple[jax.Array, KeyValue]:
@@ -214,7 +195,7 @@ class QFormerLayer(nnx.Module):
         return out, kv
 
     @staticmethod
-    def _ffn(mlp: MLP, norm: LayerNorm, x: jax.Array, dropout: _Dropout, rate: float) -> jax.Array:
+    def _ffn(mlp: MLP, norm: LayerNorm, x: jax.Array, dropout: Dropout, rate: float) -> jax.Array:
         return norm(dropout(mlp(x), rate) + x)
 
 
@@ -309,7 +290,7 @@ class QFormer(nnx.Module):
         return x + self.position_embeddings(jnp.arange(n))[None].astype(x.dtype)
 
     def _embed(
-        self, note_ids: jax.Array | None, with_queries: bool, batch: int, dropout: _Dropout
+        self, note_ids: jax.Array | None, with_queries: bool, batch: int, dropout: Dropout
     ) -> jax.Array:
         parts = []
         if with_queries:
@@ -333,7 +314,7 @@ class QFormer(nnx.Module):
         features: jax.Array | None = None,
         feature_mask: jax.Array | None = None,
         past_kv: PastKeyValues | None = None,
-        dropout: _Dropout,
+        dropout: Dropout,
     ) -> tuple[jax.Array, PastKeyValues]:
         if features is not None:
             features = features.astype(x.dtype)
@@ -383,7 +364,7 @@ class QFormer(nnx.Module):
         Returns ``query_out`` (B, Q, D) and, per layer, the queries' self-attention (k, v), each
         (B, Q, heads, head_dim): the ``past_key_values`` that :meth:`decoder_logits` reuses.
         """
-        dropout = _dropout_stream(deterministic, dropout_rng)
+        dropout = Dropout.stream(deterministic, dropout_rng, "QFormer")
         x = self._embed(None, True, features.shape[0], dropout)
         return self._encode(
             x,
@@ -405,7 +386,7 @@ class QFormer(nnx.Module):
         """Notes only, no queries, no cross-attention, bidirectional (SPEC 3.1).
         ``note_ids`` (B, 8N); ``key_mask`` (B, N), 0 = masked as key (lead sheet, pads).
         Returns hidden states (B, N, D)."""
-        dropout = _dropout_stream(deterministic, dropout_rng)
+        dropout = Dropout.stream(deterministic, dropout_rng, "QFormer")
         x = self._embed(note_ids, False, note_ids.shape[0], dropout)
         bias = None if key_mask is None else key_mask_bias(key_mask)
         hidden, _ = self._encode(x, query_length=0, self_bias=bias, dropout=dropout)
@@ -424,7 +405,7 @@ class QFormer(nnx.Module):
         """[queries ; notes] in one bidirectional pass (SPEC 3.3, ITM): every position sees all
         queries and the notes with ``note_key_mask == 1``; queries cross-attend to ``features``.
         Returns hidden states (B, Q + N, D) (queries first)."""
-        dropout = _dropout_stream(deterministic, dropout_rng)
+        dropout = Dropout.stream(deterministic, dropout_rng, "QFormer")
         batch = note_ids.shape[0]
         q = self.cfg.num_query_tokens
         x = self._embed(note_ids, True, batch, dropout)
@@ -451,7 +432,7 @@ class QFormer(nnx.Module):
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
         """The note stream of the ITG pass (SPEC 3.4) before the LM head: (B, N, D)."""
-        dropout = _dropout_stream(deterministic, dropout_rng)
+        dropout = Dropout.stream(deterministic, dropout_rng, "QFormer")
         x = self._embed(note_ids, False, note_ids.shape[0], dropout)
         num_prefix = past_kv[0][0].shape[1]
         hidden, _ = self._encode(
