@@ -133,3 +133,15 @@ def test_batch_spec_matches_pipeline(corpus, audio_input):
     for key, want in spec.items():
         assert local[key].shape == want.shape, key
         assert np.dtype(local[key].dtype) == np.dtype(want.dtype), key
+
+
+def test_official_data_options_reach_the_pipeline(corpus):
+    """stage1.clamp_clips=false gives the official empty clips near a song's start (SPEC 10.12);
+    stage1.keep_eos=false reaches the sequence builder (SPEC 11.11)."""
+    ours = stage1.load_split(tiny_config(corpus), "train")
+    cfg = tiny_config(corpus, "stage1.clamp_clips=false", "stage1.keep_eos=false")
+    official = stage1.load_split(cfg, "train")
+    assert min(c.frames for c in ours.index.clips) > 0
+    assert any(c.frames == 0 for c in official.index.clips)
+    assert stage1.make_pipeline(cfg, official, 0, 1).options.keep_eos is False
+    assert stage1.make_pipeline(tiny_config(corpus), ours, 0, 1).options.keep_eos is True
