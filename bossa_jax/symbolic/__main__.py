@@ -125,8 +125,8 @@ def _audio_frames(path: str) -> int:
 
     try:
         info = soundfile.info(path)
-    except Exception as err:  # soundfile raises RuntimeError/LibsndfileError with long text
-        raise AudioError(f"{path}: cannot read audio ({str(err).splitlines()[0]})") from None
+    except (soundfile.SoundFileError, RuntimeError) as err:  # libsndfile's long texts
+        raise AudioError(f"{path}: cannot read audio ({str(err).splitlines()[0]})") from err
     if info.frames == 0 or info.samplerate <= 0:
         raise AudioError(f"{path}: the audio file is empty")
     return math.ceil(info.frames / info.samplerate * FRAME_RATE)
