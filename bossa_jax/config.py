@@ -564,7 +564,7 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 
 def _includes(data: dict[str, Any], path: Path) -> list[str]:
-    """The file names of the ``include`` key (one name or a list of names), removed from ``data``."""
+    """The ``include`` key's file names (one name or a list), removed from ``data``."""
     if "include" not in data:
         return []
     includes = data.pop("include")

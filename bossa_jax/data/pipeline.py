@@ -118,8 +118,8 @@ def build_index(
     for song_index, record in enumerate(records):
         try:
             frames = int(frames_of(record.id))
-        except KeyError:
-            raise DataError(f"no audio codes for song {record.id!r}") from None
+        except KeyError as err:
+            raise DataError(f"no audio codes for song {record.id!r}") from err
         for window in segment.segment_song(record.song, frames, clamp=clamp):
             examples.append(Example(len(examples), song_index, window))
     return CorpusIndex(tuple(records), tuple(examples))

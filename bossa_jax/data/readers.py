@@ -202,7 +202,7 @@ def manifest_sources(
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as err:
-        raise DataError(f"{path}: cannot read the manifest ({err.strerror})") from None
+        raise DataError(f"{path}: cannot read the manifest ({err.strerror})") from err
     base = path.parent
     summary = ReadSummary()
     sources, seen = [], set()
@@ -231,7 +231,7 @@ def _manifest_entry(line: str, base: Path, default_dataset: str) -> SongSource:
     try:
         entry = json.loads(line)
     except ValueError as err:
-        raise DataError(f"not a JSON object ({err})") from None
+        raise DataError(f"not a JSON object ({err})") from err
     if not isinstance(entry, dict):
         raise DataError("not a JSON object")
     unknown = set(entry) - _MANIFEST_KEYS - {"melody_track"}
@@ -287,7 +287,7 @@ def load_split_file(path: str | os.PathLike) -> dict[str, dict[str, set[str]]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot read the split file ({one_line(str(err))})") from None
+        raise DataError(f"{path}: cannot read the split file ({one_line(str(err))})") from err
     if not isinstance(data, dict):
         raise DataError(
             f"{path}: expected an object {{dataset: {{validation: [...], test: [...]}}}}"

@@ -53,8 +53,8 @@ def _parse_bars(text: str | None) -> tuple[int, int] | None:
         return None
     try:
         a, b = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise ConfigError(f"--bars {text!r}: expected A:B with integers") from None
+    except ValueError as err:
+        raise ConfigError(f"--bars {text!r}: expected A:B with integers") from err
     if b <= a or a < 0:
         raise ConfigError(f"--bars {text!r}: need 0 <= A < B")
     return a, b
