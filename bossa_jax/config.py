@@ -410,6 +410,61 @@ class Stage1Config:
 
 
 @dataclasses.dataclass(frozen=True)
+class MuseCocoConfig:
+    """MuseCoco-xLarge, the frozen symbolic LM of stage 2, with LoRA on q/k/v (SPEC 4.4, 4.5).
+
+    HF-port names: vocab_size = ``vocab_size``, hidden_size = ``n_embd``, num_attention_heads =
+    ``n_head``, num_hidden_layers = ``n_layer``, ffn_dim = ``ffn_dim``, max_positions =
+    ``n_positions``. Heads are ``hidden_size // num_attention_heads`` wide; the remainder of a
+    width the heads do not divide is dropped (2048 / 24 -> 85, q/k/v 2040 wide). ``dtype`` is the
+    parameter and compute dtype of the base model (LayerNorm statistics and the linear-attention
+    sums stay fp32); the LoRA matrices are fp32 (trained). ``chunk_size``: the chunk of the
+    parallel linear-attention form (memory O(L d + chunk^2) per head).
+    """
+
+    vocab_size: int = 1253
+    hidden_size: int = 2048
+    num_attention_heads: int = 24
+    num_hidden_layers: int = 24
+    ffn_dim: int = 8192
+    max_positions: int = 8192
+    padding_idx: int = 1
+    dropout: float = 0.1
+    layer_norm_eps: float = 1e-5
+    lora: bool = True
+    lora_rank: int = 16
+    lora_scale: float = 1.0
+    dtype: str = "bfloat16"
+    chunk_size: int = 128
+
+    def validate(self, prefix: str) -> None:
+        _require(self.num_attention_heads > 0, f"{prefix}.num_attention_heads", "must be positive")
+        _require(
+            self.hidden_size >= self.num_attention_heads,
+            f"{prefix}.hidden_size",
+            f"must be >= num_attention_heads ({self.num_attention_heads}), got {self.hidden_size}",
+        )
+        for name in ("vocab_size", "num_hidden_layers", "ffn_dim", "max_positions", "chunk_size"):
+            _require(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
+        _require(
+            0 <= self.padding_idx < self.vocab_size,
+            f"{prefix}.padding_idx",
+            f"must be in 0..vocab_size-1 ({self.vocab_size - 1}), got {self.padding_idx}",
+        )
+        _require(0.0 <= self.dropout < 1.0, f"{prefix}.dropout", "must be in [0, 1)")
+        _require(
+            not self.lora or self.lora_rank > 0,
+            f"{prefix}.lora_rank",
+            f"must be positive when lora is enabled, got {self.lora_rank}",
+        )
+        _require(self.dtype in DTYPES, f"{prefix}.dtype", f"must be one of {DTYPES}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -421,6 +476,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     stage1: Stage1Config = dataclasses.field(default_factory=Stage1Config)
+    musecoco: MuseCocoConfig = dataclasses.field(default_factory=MuseCocoConfig)
 
     def validate(self, prefix: str = "") -> None:
         for field in dataclasses.fields(self):
