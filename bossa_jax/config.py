@@ -403,6 +403,51 @@ class Stage1Config(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class MuseCocoConfig(Section):
+    """MuseCoco-xLarge, the frozen symbolic LM of stage 2, with LoRA on q/k/v (SPEC 4.4, 4.5).
+
+    HF-port names: vocab_size = ``vocab_size``, hidden_size = ``n_embd``, num_attention_heads =
+    ``n_head``, num_hidden_layers = ``n_layer``, ffn_dim = ``ffn_dim``, max_positions =
+    ``n_positions``. Heads are ``hidden_size // num_attention_heads`` wide; the remainder of a
+    width the heads do not divide is dropped (2048 / 24 -> 85, q/k/v 2040 wide). ``dtype`` is the
+    parameter and compute dtype of the base model (LayerNorm statistics and the linear-attention
+    sums stay fp32); the LoRA matrices are fp32 (trained). ``chunk_size``: the chunk of the
+    parallel linear-attention form (memory O(L d + chunk^2) per head).
+    """
+
+    vocab_size: int = option(1253, POSITIVE)
+    hidden_size: int = option(2048, POSITIVE)
+    num_attention_heads: int = option(24, POSITIVE)
+    num_hidden_layers: int = option(24, POSITIVE)
+    ffn_dim: int = option(8192, POSITIVE)
+    max_positions: int = option(8192, POSITIVE)
+    padding_idx: int = option(1, NON_NEGATIVE)
+    dropout: float = option(0.1, PROBABILITY)
+    layer_norm_eps: float = option(1e-5, POSITIVE)
+    lora: bool = True
+    lora_rank: int = option(16, POSITIVE)
+    lora_scale: float = option(1.0, NON_NEGATIVE)
+    dtype: str = option("bfloat16", one_of(*DTYPES))
+    chunk_size: int = option(128, POSITIVE)
+
+    def check_relations(self, prefix: str) -> None:
+        _require(
+            self.hidden_size >= self.num_attention_heads,
+            f"{prefix}.hidden_size",
+            f"must be >= num_attention_heads ({self.num_attention_heads}), got {self.hidden_size}",
+        )
+        _require(
+            self.padding_idx < self.vocab_size,
+            f"{prefix}.padding_idx",
+            f"must be in 0..vocab_size-1 ({self.vocab_size - 1}), got {self.padding_idx}",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
 class Config(Section):
     """The whole resolved configuration of a run."""
 
@@ -414,6 +459,7 @@ class Config(Section):
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     stage1: Stage1Config = dataclasses.field(default_factory=Stage1Config)
+    musecoco: MuseCocoConfig = dataclasses.field(default_factory=MuseCocoConfig)
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
