@@ -2,11 +2,15 @@
 
 A YAML file may name a base with ``include: other.yaml`` (relative to the file; a list is merged in
 order); its own keys override the base's, recursively. Command-line overrides use dotted keys
-(``musicgen.keep_layers=4``) and YAML values. Every unknown key, wrong type or impossible value
-raises a :class:`~bossa_jax.errors.ConfigError` that names the dotted key.
+(``musicgen.keep_layers=4``) and YAML values (a string field takes its text as it is). Every
+unknown key, wrong type or impossible value raises a :class:`~bossa_jax.errors.ConfigError` that
+names the dotted key, when the config is loaded; every bad file names the file.
 
-Later issues add their sections (Q-Former, MuseCoco, training, data, sampling) as new dataclasses
-and fields of :class:`Config`.
+Sections are frozen dataclasses deriving :class:`Section`. Each numeric or choice field is declared
+with :func:`option` and its :class:`Check` (``POSITIVE``, ``NON_NEGATIVE``, ``PROBABILITY``, ...),
+which the one :meth:`Section.validate` applies; ``official=`` marks the value that reproduces the
+official code (``configs/official.yaml`` sets them all). New sections are new fields of
+:class:`Config`.
 """
 
 from __future__ import annotations
