@@ -263,9 +263,8 @@ def load_clip(
             if not math.isfinite(centre_seconds):
                 raise ValueError(f"centre_seconds must be finite: {centre_seconds}")
             centre_frame = math.floor(centre_seconds * FRAME_RATE)
-    start_frame = int(centre_frame) - clip_frames // 2
-    start_frame = max(0, min(start_frame, total_frames - clip_frames))
-    stop_frame = min(start_frame + clip_frames, total_frames)
+    start_frame, valid = clip_placement(int(centre_frame), total_frames, clip_frames)
+    stop_frame = start_frame + valid
 
     start = start_frame * hop
     stop = min(stop_frame * hop, total_samples)
@@ -289,6 +288,17 @@ def load_clip(
         start_seconds=start_frame / FRAME_RATE,
         path=probe.path,
     )
+
+
+def clip_placement(
+    centre_frame: int, total_frames: int, clip_frames: int = CLIP_FRAMES
+) -> tuple[int, int]:
+    """(first frame, valid frames) of the ``clip_frames`` window starting at
+    ``centre_frame - clip_frames // 2``, clamped into a file of ``total_frames`` (SPEC 1.1
+    inference clamp, our default per SPEC 10.12); a shorter file gives (0, total_frames). The one
+    placement rule of audio clips, codes clips and training windows."""
+    start = max(0, min(centre_frame - clip_frames // 2, total_frames - clip_frames))
+    return start, min(clip_frames, total_frames - start)
 
 
 def clip_mask(

@@ -110,8 +110,8 @@ def load_codes(
             f"{file}: codes must be in [0, {special_id - 1}], found {codes.min()}..{codes.max()}"
         )
     total = codes.shape[1]
-    start = max(0, min(total // 2 - clip_frames // 2, total - clip_frames))
-    clip = codes[:, start : start + clip_frames].astype(np.int32)
+    start, valid = audio.clip_placement(total // 2, total, clip_frames)
+    clip = codes[:, start : start + valid].astype(np.int32)
     return audio.pad_codes(clip, clip_frames, special_id), clip.shape[1]
 
 

@@ -42,10 +42,9 @@ from bossa_jax.errors import BossaError, CheckpointError, run_cli
 from bossa_jax.models.encodec import EncodecEncoder, config_section, load_encodec
 from convert.common import (
     TensorReader,
-    _torch_load,
     fill,
-    load_state_dict,
     param_paths,
+    read_checkpoint,
     read_hf_config,
 )
 
@@ -460,20 +459,6 @@ def _abstract(cfg: EncodecConfig) -> EncodecEncoder:
 # Entry points
 
 
-def _read_source(
-    source: str | os.PathLike | Mapping[str, Any],
-) -> tuple[dict[str, np.ndarray], Any]:
-    """(tensors, audiocraft xp.cfg or None): one read of the file, whatever its kind."""
-    if isinstance(source, Mapping):
-        return load_state_dict(source, subkey="best_state"), source.get("xp.cfg")
-    path = Path(source)
-    if path.is_file() and path.suffix != ".safetensors" and path.stat().st_size > 0:
-        tree = _torch_load(path)
-        if isinstance(tree, Mapping):
-            return load_state_dict(tree, subkey="best_state"), tree.get("xp.cfg")
-    return load_state_dict(path), None
-
-
 def convert_encodec(
     source: str | os.PathLike | Mapping[str, Any],
     *,
@@ -487,7 +472,7 @@ def convert_encodec(
     if fmt not in ("auto", "hf", "audiocraft"):
         raise CheckpointError(f"unknown source format {fmt!r} (auto, hf or audiocraft)")
     name = "state dict" if isinstance(source, Mapping) else str(source)
-    tensors, xp_cfg = _read_source(source)
+    tensors, xp_cfg = read_checkpoint(source, subkey="best_state")
     fmt = detect_format(tensors, source=name) if fmt == "auto" else fmt
     if config is None:
         if fmt == "hf" and not isinstance(source, Mapping) and Path(source).is_dir():

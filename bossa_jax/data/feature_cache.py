@@ -52,9 +52,9 @@ from array_record.python.array_record_data_source import ArrayRecordDataSource
 from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
+from bossa_jax import audio
 from bossa_jax.errors import DataError
 from bossa_jax.outputs import atomic_output
-from bossa_jax.symbolic import segment
 
 log = logging.getLogger(__name__)
 
@@ -371,15 +371,19 @@ class ClipRef:
     song_id: str
     start: int
     frames: int
+    length: int = audio.CLIP_FRAMES  # the padded clip (``audio.clip_frames``)
 
     @property
     def key(self) -> str:
-        return f"{self.song_id}@{self.start}+{self.frames}"
+        suffix = "" if self.length == audio.CLIP_FRAMES else f"/{self.length}"
+        return f"{self.song_id}@{self.start}+{self.frames}{suffix}"
 
 
 def clip_codes(codes: np.ndarray, clip: ClipRef) -> tuple[np.ndarray, np.ndarray]:
-    """The clip's codes padded to (4, 508) with 2048, and its audio mask (512,) (SPEC 1.1, 6.5)."""
-    return segment.pad_codes(np.asarray(codes)[:, clip.start : clip.start + clip.frames])
+    """The clip's codes padded to (4, clip.length) with 2048, and its audio mask (clip.length + 4,)
+    (SPEC 1.1, 6.5)."""
+    valid = np.asarray(codes)[:, clip.start : clip.start + clip.frames]
+    return audio.pad_codes(valid, clip.length), audio.clip_mask(valid.shape[1], clip.length)
 
 
 class FeatureCache:

@@ -58,6 +58,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from bossa_jax import sharding
+from bossa_jax.audio import CLIP_FRAMES
 from bossa_jax.data.feature_cache import ClipRef, CodesStore, FeatureCache, clip_codes
 from bossa_jax.data.readers import SongRecord
 from bossa_jax.errors import DataError
@@ -82,6 +83,7 @@ class CorpusIndex:
 
     records: tuple[SongRecord, ...]
     examples: tuple[Example, ...]
+    clip_length: int = CLIP_FRAMES  # frames of every padded clip (``audio.clip_frames``)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -90,7 +92,10 @@ class CorpusIndex:
     def clips(self) -> list[ClipRef]:
         return [
             ClipRef(
-                self.records[e.song_index].id, int(e.window.clip_start), int(e.window.clip_frames)
+                self.records[e.song_index].id,
+                int(e.window.clip_start),
+                int(e.window.clip_frames),
+                self.clip_length,
             )
             for e in self.examples
         ]
@@ -104,10 +109,11 @@ def build_index(
     num_frames: Callable[[str], int] | Mapping[str, int] | CodesStore,
     *,
     clamp: bool = True,
+    clip_length: int = CLIP_FRAMES,
 ) -> CorpusIndex:
     """All windows of ``records`` (SPEC 6.3). ``num_frames(song_id)``: length of the song's codes
     at 50 Hz (a CodesStore or a mapping works); ``clamp=False`` reproduces the official clip slice
-    (SPEC 10.12)."""
+    (SPEC 10.12); ``clip_length``: frames per clip (``audio.clip_frames``, 508)."""
     if isinstance(num_frames, CodesStore):
         frames_of = num_frames.num_frames
     elif isinstance(num_frames, Mapping):
@@ -120,9 +126,10 @@ def build_index(
             frames = int(frames_of(record.id))
         except KeyError as err:
             raise DataError(f"no audio codes for song {record.id!r}") from err
-        for window in segment.segment_song(record.song, frames, clamp=clamp):
+        windows = segment.segment_song(record.song, frames, clamp=clamp, clip_length=clip_length)
+        for window in windows:
             examples.append(Example(len(examples), song_index, window))
-    return CorpusIndex(tuple(records), tuple(examples))
+    return CorpusIndex(tuple(records), tuple(examples), clip_length)
 
 
 # --- samples ------------------------------------------------------------------------------------

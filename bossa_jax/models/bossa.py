@@ -38,10 +38,10 @@ from bossa_jax import checkpoint
 from bossa_jax.config import Config, MusicgenConfig, QFormerConfig
 from bossa_jax.errors import CheckpointError
 from bossa_jax.layers import LayerNorm, Linear
+from bossa_jax.models import losses
 from bossa_jax.models.musicgen import MusicgenFeatures
 from bossa_jax.models.qformer import QFormer
 from bossa_jax.sharding import constrain
-from bossa_jax.train import losses
 
 PROJ_DIM = 256  # ITC embedding width (SPEC 2.3)
 TEMP_INIT = 0.07
@@ -191,7 +191,7 @@ class Stage1Model(nnx.Module):
         ``pad_mask`` (B, N) 0 on pads, ``audio_mask`` (B, S) 1 on valid audio steps; ``codes``
         (B, 4, S - 4) or cached ``features`` (B, S, encoder_width). ITM negatives are drawn from
         ``rng`` unless ``negatives = (neg_symbo_idx, neg_audio_idx)`` is given (see
-        :func:`~bossa_jax.train.losses.sample_hard_negatives`). ``deterministic=False`` turns
+        :func:`~bossa_jax.models.losses.sample_hard_negatives`). ``deterministic=False`` turns
         dropout on (keys derived from ``rng``). Metrics: ``loss``, ``itc``, ``itm``, ``itg``,
         ``itg_<field>`` for the 8 fields, ``temp``, ``neg_symbo_idx``, ``neg_audio_idx``.
         """

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bossa_jax.audio import FRAME_RATE
 from bossa_jax.errors import AudioError, ConfigError, run_cli
 from bossa_jax.symbolic import octuple, remi
 from bossa_jax.symbolic.leadsheet import leadsheet_from_score, read_leadsheet, read_pop909
@@ -40,7 +41,7 @@ from bossa_jax.symbolic.notes import (
     arrangement_from_score,
     read_arrangement,
 )
-from bossa_jax.symbolic.segment import FRAME_RATE, segment_song
+from bossa_jax.symbolic.segment import segment_song
 
 
 class _Parser(argparse.ArgumentParser):

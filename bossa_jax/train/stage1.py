@@ -393,7 +393,9 @@ def load_split(config: Config, split: str) -> Stage1Split:
         records = [r for r in records if r.id in codes]
     if not records:
         raise DataError(f"no readable songs with codes in the {split!r} split of {cfg.data_dir}")
-    index = pl.build_index(records, codes, clamp=cfg.clamp_clips)
+    index = pl.build_index(
+        records, codes, clamp=cfg.clamp_clips, clip_length=config.audio.clip_frames
+    )
     if cfg.audio_input == "codes":
         return Stage1Split(split, index, pl.AudioSource(index, codes=codes))
     if cfg.feature_cache_dir:
