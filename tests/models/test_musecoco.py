@@ -22,8 +22,8 @@ from flax import nnx
 
 from bossa_jax.config import MuseCocoConfig, load_config
 from bossa_jax.layers import merge_lora
+from bossa_jax.models.losses import cross_entropy
 from bossa_jax.models.musecoco import MuseCoco
-from bossa_jax.train.losses import cross_entropy
 from convert.musecoco import convert_musecoco
 from tests.reference.musecoco_torch import MuseCocoLM, shifted_loss
 
