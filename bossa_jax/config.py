@@ -360,6 +360,8 @@ class Stage1Config:
     from; ``init_from``: a stage-1 checkpoint (``convert.bossa`` / ``save_stage1``) to start from
     (not both). ``field_mean``: ITG per-field mean, "valid"
     (default) or "official" (SPEC 10.13). ``eval_batches``: validation batches per eval.
+    ``feature_dtype``: how a new feature cache stores the features (bfloat16, float16 or float32;
+    batches carry that dtype).
     """
 
     audio_input: str = "codes"
@@ -369,6 +371,7 @@ class Stage1Config:
     split_file: str = ""
     codes_dir: str = ""
     feature_cache_dir: str = ""
+    feature_dtype: str = "bfloat16"
     musicgen_checkpoint: str = ""
     qformer_init: str = ""
     init_from: str = ""
@@ -392,6 +395,11 @@ class Stage1Config:
             self.dataset in ("pop909", "piast", "manifest", "synthetic"),
             f"{prefix}.dataset",
             f"must be pop909, piast, manifest or synthetic, got {self.dataset!r}",
+        )
+        _require(
+            self.feature_dtype in ("bfloat16", "float16", "float32"),
+            f"{prefix}.feature_dtype",
+            f"must be bfloat16, float16 or float32, got {self.feature_dtype!r}",
         )
         _require(
             self.field_mean in ("valid", "official"),
