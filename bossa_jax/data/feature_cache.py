@@ -389,7 +389,7 @@ class Store:
         for row, index in enumerate(indices):
             shard = self._check_index(int(index))
             offset = self._offsets[shard][name] + (int(index) - self.shards[shard].start) * nbytes
-            if os.preadv(self._fd(shard), [rows[row]], offset) != nbytes:
+            if os.preadv(self._fd(shard), [rows[row : row + 1]], offset) != nbytes:
                 raise DataError(f"{_shard_path(self.root, shard)}: truncated; rebuild the store")
         return out
 
@@ -460,6 +460,11 @@ class CodesStore:
         """The song's codes (4, T) int16: a read-only view of the memory-mapped shard."""
         return self.store.ragged("codes", self.store.index_of(song_id))
 
+    def metadata(self, song_id: str) -> dict[str, float]:
+        """The song's other stored values (e.g. PIAST's ``audio_shift_seconds``)."""
+        index = self.store.index_of(song_id)
+        return {k: self.store.read(k, [index])[0].item() for k in self.store.fields if k != "codes"}
+
     def num_frames(self, song_id: str) -> int:
         return self._frames[self.store.index_of(song_id)]
 
@@ -467,14 +472,16 @@ class CodesStore:
 def build_codes_store(
     root: str | os.PathLike,
     songs: Sequence[tuple[str, Any]],
-    encode_fn: Callable[[Any], np.ndarray],
+    encode_fn: Callable[[Any], np.ndarray | Mapping[str, np.ndarray]],
     *,
     compute_id: str,
     shard_size: int = 64,
     progress: bool = True,
 ) -> CodesStore:
     """Encodes every ``(song_id, audio)`` with ``encode_fn(audio) -> codes (4, T)`` into a store
-    (resumable, see the module docstring); the frame counts land in the shard receipts."""
+    (resumable, see the module docstring); the frame counts land in the shard receipts.
+    ``encode_fn`` may instead return ``{"codes": ..., name: scalar, ...}``: per-song values kept
+    beside the codes (every song must give the same names; :meth:`CodesStore.metadata`)."""
     keys = [s for s, _ in songs]
     if len(set(keys)) != len(keys):
         raise DataError("build_codes_store: duplicate song ids")
@@ -482,10 +489,12 @@ def build_codes_store(
     def make_records(indices: Iterable[int]) -> list[dict[str, np.ndarray]]:
         records = []
         for i in indices:
-            codes = np.asarray(encode_fn(songs[i][1]))
+            out = encode_fn(songs[i][1])
+            record = dict(out) if isinstance(out, Mapping) else {"codes": out}
+            codes = np.asarray(record["codes"])
             if codes.ndim != 2 or codes.min(initial=0) < 0 or codes.max(initial=0) > 32767:
                 raise DataError(f"{keys[i]}: encode_fn gave codes of shape {codes.shape}")
-            records.append({"codes": codes.astype(np.int16)})
+            records.append({**record, "codes": codes.astype(np.int16)})
         return records
 
     build_store(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -62,6 +63,9 @@ def test_store_round_trip_keeps_dtypes_bf16_bits_and_ragged_records(tmp_path):
     np.testing.assert_array_equal(
         feats.view(np.uint16), np.stack([records[i]["f"] for i in order]).view(np.uint16)
     )
+    copy = pickle.loads(pickle.dumps(store))  # as grain's worker processes receive it
+    np.testing.assert_array_equal(copy.read("m", order), out)
+    np.testing.assert_array_equal(copy.get("k5")["c"], records[5]["c"])
     with pytest.raises(IndexError):
         store.read("m", [7])
     with pytest.raises(ValueError, match="ragged"):
