@@ -12,7 +12,9 @@ Onset detection runs exactly as there: ``librosa.onset.onset_detect`` with its d
 strength of a mel spectrogram, hop 512, no backtracking) on the mono waveform already resampled to
 32 kHz (``sr=32000``), ``units="time"``, earliest onset. Sample counts are truncated towards zero
 (``int``), as the official code does. With hop 512 at 32 kHz the detected onset is quantised to
-16 ms frames, so the alignment is good to about one frame.
+16 ms frames, so the alignment is good to about one frame. The official 32 kHz waveform comes from
+torchaudio's ``Resample``, ours from soxr (``bossa_jax.audio.load_clip``, clipped to [-1, 1]), so on
+resampled audio the detected onset may differ slightly.
 """
 
 from __future__ import annotations
