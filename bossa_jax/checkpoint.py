@@ -56,7 +56,7 @@ def read_section(path: str | os.PathLike, section: str, cls: type[C]) -> C:
         cfg = build(cls, stored, section)
         cfg.validate(section)
     except ConfigError as err:
-        raise CheckpointError(f"{path}: {err}") from None
+        raise CheckpointError(f"{path}: {err}") from err
     return cfg
 
 
@@ -85,7 +85,7 @@ def load_module(path: str | os.PathLike, ctor: Callable[[], M]) -> M:
         except Exception as err:
             raise CheckpointError(
                 f"{path}: cannot restore parameters ({one_line(str(err))[:300]})"
-            ) from None
+            ) from err
     nnx.replace_by_pure_dict(params, restored)
     module = nnx.merge(graphdef, params, rest)
     zero_abstract_state(module)

@@ -93,7 +93,7 @@ def load_codes(
     try:
         codes = np.load(file, allow_pickle=False)
     except Exception as err:  # numpy raises ValueError/OSError/EOFError/UnpicklingError
-        raise DataError(f"{file}: not a readable .npy array ({type(err).__name__})") from None
+        raise DataError(f"{file}: not a readable .npy array ({type(err).__name__})") from err
     if (
         codes.ndim != 2
         or codes.shape[0] != num_codebooks

@@ -70,8 +70,8 @@ def _torch_load(path: Path) -> Any:
                 + " (only tensors and "
                 + ", ".join(sorted({_global_name(g) for g in PICKLE_ALLOWLIST}))
                 + " are allowed)"
-            ) from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({text[:200]})") from None
+            ) from err
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({text[:200]})") from err
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> Tensors:
@@ -121,10 +121,10 @@ def load_state_dict(
                     from safetensors.torch import load_file as load_torch
 
                     return {k: _to_numpy(v) for k, v in load_torch(str(path)).items()}
-                except Exception:
+                except Exception as torch_err:
                     raise CheckpointError(
                         f"{path}: not a readable safetensors file ({one_line(str(err))[:200]})"
-                    ) from None
+                    ) from torch_err
         tree = _torch_load(path)
     if subkey is not None and isinstance(tree, Mapping) and subkey in tree:
         tree = tree[subkey]
@@ -140,7 +140,7 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     try:
         return json.loads(config.read_text())
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config}: not valid JSON ({err})") from None
+        raise CheckpointError(f"{config}: not valid JSON ({err})") from err
 
 
 def param_paths(module: nnx.Module) -> dict[str, nnx.Variable]:

@@ -128,7 +128,7 @@ def _make_config(source: str, where: str, **fields: Any) -> EncodecConfig:
     except BossaError as err:
         raise CheckpointError(
             f"{source}: {where} describes an unsupported EnCodec ({err})"
-        ) from None
+        ) from err
     return cfg
 
 
@@ -213,7 +213,7 @@ def config_from_audiocraft(xp_cfg: str | Mapping[str, Any], *, source: str) -> E
     try:
         root = yaml.safe_load(xp_cfg) if isinstance(xp_cfg, str) else dict(xp_cfg)
     except yaml.YAMLError as err:
-        raise CheckpointError(f"{source}: {where} is not valid YAML ({err})") from None
+        raise CheckpointError(f"{source}: {where} is not valid YAML ({err})") from err
     if not isinstance(root, Mapping) or not all(
         isinstance(root.get(s), Mapping) for s in ("seanet", "rvq")
     ):

@@ -267,7 +267,7 @@ def infer_config(
     try:
         cfg.validate("qformer")
     except ConfigError as err:
-        raise CheckpointError(f"{source}: {err}") from None
+        raise CheckpointError(f"{source}: {err}") from err
     return cfg
 
 

@@ -170,7 +170,7 @@ def config_from_hf(
             dtype=dtype,
         )
     except KeyError as err:
-        raise CheckpointError(f"{source}: config.json has no decoder key {err}") from None
+        raise CheckpointError(f"{source}: config.json has no decoder key {err}") from err
 
 
 def _make_config(source: str, **fields: Any) -> MusicgenConfig:
@@ -178,7 +178,7 @@ def _make_config(source: str, **fields: Any) -> MusicgenConfig:
     try:
         cfg.validate("musicgen")
     except ConfigError as err:
-        raise CheckpointError(f"{source}: {err}") from None
+        raise CheckpointError(f"{source}: {err}") from err
     return cfg
 
 

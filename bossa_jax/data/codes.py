@@ -102,7 +102,7 @@ def piast_shift(audio_path: Path, samples: np.ndarray, midi: Path) -> float:
     try:
         return align.align_to_midi(samples, audio.SAMPLE_RATE, first_note)[1]
     except AudioError as err:
-        raise AudioError(f"{audio_path}: {err}") from None
+        raise AudioError(f"{audio_path}: {err}") from err
 
 
 def build_from_audio(

@@ -310,7 +310,7 @@ class Store:
         try:
             self.manifest = json.loads(manifest_file.read_text())
         except ValueError as err:
-            raise DataError(f"{manifest_file}: unreadable manifest ({err})") from None
+            raise DataError(f"{manifest_file}: unreadable manifest ({err})") from err
         if self.manifest.get("format") != STORE_FORMAT:
             raise DataError(f"{manifest_file}: not a bossa-jax store manifest")
         if self.manifest.get("version") != STORE_VERSION:
@@ -428,8 +428,8 @@ class Store:
     def index_of(self, key: str) -> int:
         try:
             return self._index[key]
-        except KeyError:
-            raise DataError(f"{self.root}: no record for {key!r}") from None
+        except KeyError as err:
+            raise DataError(f"{self.root}: no record for {key!r}") from err
 
     def get(self, key: str) -> dict[str, np.ndarray]:
         return self[self.index_of(key)]

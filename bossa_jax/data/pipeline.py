@@ -118,8 +118,8 @@ def build_index(
     for song_index, record in enumerate(records):
         try:
             frames = int(frames_of(record.id))
-        except KeyError:
-            raise DataError(f"no audio codes for song {record.id!r}") from None
+        except KeyError as err:
+            raise DataError(f"no audio codes for song {record.id!r}") from err
         for window in segment.segment_song(record.song, frames, clamp=clamp):
             examples.append(Example(len(examples), song_index, window))
     return CorpusIndex(tuple(records), tuple(examples))
@@ -139,16 +139,22 @@ def symbolic_sample(
     rng: np.random.Generator | None,
     *,
     deperf: bool = True,
+    keep_eos: bool = True,
 ) -> dict[str, np.ndarray]:
-    """The window's token arrays for ``stage``; one random transposition when ``rng`` is given."""
+    """The window's token arrays for ``stage``; one random transposition when ``rng`` is given.
+    ``keep_eos=False``: the official plain cut of an overflowing sequence (SPEC 11.11)."""
     arrangement, leadsheet, shift = window.arrangement, window.leadsheet, 0
     if rng is not None:
         arrangement, leadsheet, shift = segment.augment(arrangement, leadsheet, rng)
     if stage == 1:
-        ids, ls_mask, pad_mask = octuple.stage1_sequence(arrangement, leadsheet, deperf=deperf)
+        ids, ls_mask, pad_mask = octuple.stage1_sequence(
+            arrangement, leadsheet, deperf=deperf, keep_eos=keep_eos
+        )
         out = {"notes": ids.astype(np.int32), "leadsheet_mask": ls_mask, "pad_mask": pad_mask}
     else:
-        ids, control, pad = remi.stage2_sequence(arrangement, leadsheet, redact=deperf)
+        ids, control, pad = remi.stage2_sequence(
+            arrangement, leadsheet, redact=deperf, keep_eos=keep_eos
+        )
         out = {"tokens": ids.astype(np.int32), "control_mask": control, "pad_mask": pad}
     out["transposition"] = np.int32(shift)
     return out
@@ -204,6 +210,7 @@ class PipelineOptions:
     num_epochs: int | None = None
     transpose: bool = True
     deperf: bool = True
+    keep_eos: bool = True
     process_index: int | None = None
     process_count: int | None = None
     num_threads: int = 2
@@ -273,7 +280,11 @@ class Pipeline:
             else None
         )
         sample = symbolic_sample(
-            example.window, self.options.stage, rng, deperf=self.options.deperf
+            example.window,
+            self.options.stage,
+            rng,
+            deperf=self.options.deperf,
+            keep_eos=self.options.keep_eos,
         )
         sample["example_id"] = np.int32(example_id)
         return sample

@@ -165,7 +165,7 @@ def load_musicgen(
         try:
             cfg.validate(CONFIG_SECTION)
         except ConfigError as err:
-            raise CheckpointError(f"{path}: {err}") from None
+            raise CheckpointError(f"{path}: {err}") from err
     if keep_layers is not None and keep_layers != cfg.keep_layers:
         raise CheckpointError(
             f"{path}: holds {cfg.keep_layers} MusicGen blocks, but {keep_layers} are configured "

@@ -53,8 +53,8 @@ def _parse_bars(text: str | None) -> tuple[int, int] | None:
         return None
     try:
         a, b = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise ConfigError(f"--bars {text!r}: expected A:B with integers") from None
+    except ValueError as err:
+        raise ConfigError(f"--bars {text!r}: expected A:B with integers") from err
     if b <= a or a < 0:
         raise ConfigError(f"--bars {text!r}: need 0 <= A < B")
     return a, b
@@ -125,8 +125,8 @@ def _audio_frames(path: str) -> int:
 
     try:
         info = soundfile.info(path)
-    except Exception as err:  # soundfile raises RuntimeError/LibsndfileError with long text
-        raise AudioError(f"{path}: cannot read audio ({str(err).splitlines()[0]})") from None
+    except (soundfile.SoundFileError, RuntimeError) as err:  # libsndfile's long texts
+        raise AudioError(f"{path}: cannot read audio ({str(err).splitlines()[0]})") from err
     if info.frames == 0 or info.samplerate <= 0:
         raise AudioError(f"{path}: the audio file is empty")
     return math.ceil(info.frames / info.samplerate * FRAME_RATE)

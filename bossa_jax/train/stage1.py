@@ -394,7 +394,7 @@ def load_split(config: Config, split: str) -> Stage1Split:
         records = [r for r in records if r.id in codes]
     if not records:
         raise DataError(f"no readable songs with codes in the {split!r} split of {cfg.data_dir}")
-    index = pl.build_index(records, codes)
+    index = pl.build_index(records, codes, clamp=cfg.clamp_clips)
     if cfg.audio_input == "codes":
         return Stage1Split(split, index, pl.AudioSource(index, codes=codes))
     if cfg.feature_cache_dir:
@@ -460,6 +460,7 @@ def make_pipeline(
         num_epochs=None if train else 1,
         transpose=cfg.transpose,  # the official validation transposes too (SPEC 10.6)
         deperf=cfg.deperf,
+        keep_eos=cfg.keep_eos,
         process_index=process_index,
         process_count=process_count,
         num_threads=cfg.num_threads,

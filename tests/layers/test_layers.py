@@ -60,6 +60,19 @@ def test_fairseq_positions_match_reference():
     assert np.all(got[0, 3:] == 0)  # pad rows are zero
 
 
+def test_fairseq_positions_from_a_start_index():
+    # SPEC 4.3: tokens before index `start` get no position; token i >= start gets the fairseq
+    # position of index i - start (pads still none)
+    tokens = torch.tensor([[2, 9, 9, 9, 4, 5, 6, 1], [2, 9, 9, 9, 4, 1, 1, 1]])
+    start = 3
+    ids = np.asarray(fairseq_position_ids(jnp.asarray(tokens.numpy()), 1, start))
+    np.testing.assert_array_equal(ids, [[1, 1, 1, 2, 3, 4, 5, 1], [1, 1, 1, 2, 3, 1, 1, 1]])
+    expected = _fairseq_reference(tokens[:, start:], 16, padding_idx=1).numpy()
+    got = np.asarray(fairseq_positions(jnp.asarray(ids), 16, 1))
+    np.testing.assert_allclose(got[:, start:], expected, atol=1e-5)
+    assert not np.any(got[:, :start])
+
+
 def test_layernorm_fp32_statistics():
     ln = LayerNorm(8, eps=1e-5)
     x = jax.random.normal(jax.random.key(0), (3, 8)) * 100 + 1000

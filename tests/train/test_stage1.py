@@ -144,3 +144,15 @@ def test_feature_dtype_float16_cache_and_a_mismatched_cache_is_refused(corpus, t
     assert stage1.batch_spec(cfg, 4)["features"].dtype == jnp.float16
     with pytest.raises(ConfigError, match="stage1.feature_dtype"):
         stage1.load_split(tiny_config(corpus, *options), "train")  # bfloat16 config, fp16 cache
+
+
+def test_official_data_options_reach_the_pipeline(corpus):
+    """stage1.clamp_clips=false gives the official empty clips near a song's start (SPEC 10.12);
+    stage1.keep_eos=false reaches the sequence builder (SPEC 11.11)."""
+    ours = stage1.load_split(tiny_config(corpus), "train")
+    cfg = tiny_config(corpus, "stage1.clamp_clips=false", "stage1.keep_eos=false")
+    official = stage1.load_split(cfg, "train")
+    assert min(c.frames for c in ours.index.clips) > 0
+    assert any(c.frames == 0 for c in official.index.clips)
+    assert stage1.make_pipeline(cfg, official, 0, 1).options.keep_eos is False
+    assert stage1.make_pipeline(tiny_config(corpus), ours, 0, 1).options.keep_eos is True
