@@ -366,7 +366,8 @@ class Stage1Config(Section):
     with ``musicgen_checkpoint`` when missing; in codes mode it also initialises the frozen
     MusicGen). ``qformer_init``: a Q-Former checkpoint (``python -m convert.musicbert``) to start
     from; ``init_from``: a stage-1 checkpoint (``convert.bossa`` / ``save_stage1``) to start from
-    (not both). ``eval_batches``: validation batches per eval.
+    (not both). ``eval_batches``: validation batches per eval. ``feature_dtype``: how a new feature
+    cache stores the features (bfloat16, float16 or float32; batches carry that dtype).
 
     Official behaviour (``configs/official.yaml`` sets all of it): ``field_mean`` the ITG per-field
     mean, "valid" (default: over the valid targets) or "official" (over every slot, SPEC 10.13);
@@ -383,6 +384,7 @@ class Stage1Config(Section):
     split_file: str = ""
     codes_dir: str = ""
     feature_cache_dir: str = ""
+    feature_dtype: str = option("bfloat16", one_of("bfloat16", "float16", "float32"))
     musicgen_checkpoint: str = ""
     qformer_init: str = ""
     init_from: str = ""

@@ -16,7 +16,9 @@ its 2-layer LSTM, is not measured there). With 30 s chunks that is at most 12 of
 frames. Each song has ``ceil(samples / 640)`` frames.
 
 A first pass decodes every song's audio and skips (with a count) the missing, undecodable, too
-short or silent ones, so one bad file never stops the store.
+short or silent ones, so one bad file never stops the store. PIAST audio is shifted onto its MIDI
+before encoding, as the official preprocessing does (:mod:`bossa_jax.data.align`, SPEC 1.1); the
+shift of each song is kept in the store (``CodesStore.metadata``).
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from flax import nnx
 
 from bossa_jax import audio
 from bossa_jax.config import load_config
+from bossa_jax.data import align, readers
 from bossa_jax.data import feature_cache as fc
-from bossa_jax.data import readers
-from bossa_jax.errors import AudioError, ConfigError, run_cli
+from bossa_jax.errors import AudioError, ConfigError, MidiError, run_cli
 
 log = logging.getLogger("bossa_jax.data")
 
@@ -96,6 +98,15 @@ def song_sources(dataset: str, data_dir: str, audio_dir: str) -> list[readers.So
     raise ConfigError(f"--dataset: must be pop909, piast or manifest, got {dataset!r}")
 
 
+def piast_shift(audio_path: Path, samples: np.ndarray, midi: Path) -> float:
+    """The onset-alignment shift (seconds) of a PIAST song's 32 kHz audio (SPEC 1.1)."""
+    first_note = readers.piast_first_note_seconds(midi)
+    try:
+        return align.align_to_midi(samples, audio.SAMPLE_RATE, first_note)[1]
+    except AudioError as err:
+        raise AudioError(f"{audio_path}: {err}") from err
+
+
 def build_from_audio(
     out: str | Path,
     sources: Sequence[readers.SongSource],
@@ -105,28 +116,47 @@ def build_from_audio(
     chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
     progress: bool = True,
 ) -> tuple[fc.CodesStore, int]:
-    """(the codes store of every readable song with usable audio, how many were skipped)."""
+    """(the codes store of every readable song with usable audio, how many were skipped).
+
+    PIAST songs are aligned first (:func:`bossa_jax.data.align.align_to_midi`, SPEC 1.1): the
+    waveform is shifted so its first onset meets the first note of MIDI track 0, and the shift
+    (seconds, positive = the audio started late) is stored per song
+    (``CodesStore.metadata(song_id)["audio_shift_seconds"]``)."""
     chunk_samples = round(chunk_seconds * audio.FRAME_RATE) * (
         audio.SAMPLE_RATE // audio.FRAME_RATE
     )
     records, _ = readers.read_songs(sources, require_audio=True, logger=log)
+    piast_midi = {s.id: s.midi for s in sources if s.layout == "piast"}
     songs, skipped = [], len(sources) - len(records)
     for record in records:
         try:
-            load_whole(record.audio)
-        except AudioError as err:
+            samples = load_whole(record.audio)
+            shift = None
+            if record.id in piast_midi:
+                shift = piast_shift(record.audio, samples, piast_midi[record.id])
+                log.info("%s: audio shifted %+.3f s onto the MIDI", record.id, shift)
+        except (AudioError, MidiError) as err:
             log.warning("skipped: %s", err)
             skipped += 1
             continue
-        songs.append((record.id, record.audio))
+        songs.append((record.id, (record.audio, shift)))
     if not songs:
         raise AudioError(f"no song with usable audio among {len(sources)} songs")
     encode_song = chunked_encoder(encode, chunk_samples)
+
+    def encode_aligned(item: tuple[Path, float | None]) -> dict[str, np.ndarray]:
+        path, shift = item
+        if shift is None:
+            return {"codes": encode_song(load_whole(path))}
+        samples = align.shift_waveform(load_whole(path), audio.SAMPLE_RATE, shift)
+        return {"codes": encode_song(samples), "audio_shift_seconds": np.float64(shift)}
+
+    aligned = ":piast-onset-aligned" if piast_midi else ""
     store = fc.build_codes_store(
         out,
         songs,
-        lambda path: encode_song(load_whole(path)),
-        compute_id=f"{compute_id}:chunk{chunk_samples}",
+        encode_aligned,
+        compute_id=f"{compute_id}:chunk{chunk_samples}{aligned}",
         progress=progress,
     )
     return store, skipped

@@ -188,12 +188,21 @@ class AudioSource:
             features.check_clips(self._clips)
 
     def __call__(self, example_id: int) -> dict[str, np.ndarray]:
+        return {k: v[0] for k, v in self.read_batch([example_id]).items()}
+
+    def read_batch(self, example_ids: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+        """The audio fields of these examples, stacked: ``features`` (B, 512, D) and
+        ``audio_mask`` (B, 512) read straight into the batch, or ``codes`` (B, 4, 508) cut from
+        the songs' codes."""
         if self._features is not None:
-            record = self._features[example_id]
-            return {"features": record["features"], "audio_mask": record["audio_mask"]}
-        clip = self._clips[example_id]
-        codes, mask = clip_codes(self._codes(clip.song_id), clip)
-        return {"codes": codes.astype(np.int32), "audio_mask": mask}
+            return self._features.read_batch(example_ids)
+        steps = segment.CLIP_FRAMES + segment.PATTERN_STEPS
+        codes = np.empty((len(example_ids), 4, segment.CLIP_FRAMES), np.int32)
+        masks = np.empty((len(example_ids), steps), np.float32)
+        for row, example_id in enumerate(example_ids):
+            clip = self._clips[int(example_id)]
+            codes[row], masks[row] = clip_codes(self._codes(clip.song_id), clip)
+        return {"codes": codes, "audio_mask": masks}
 
 
 # --- the pipeline -------------------------------------------------------------------------------
@@ -266,7 +275,7 @@ class Pipeline:
         ds = grain.MapDataset.source(usable).shuffle(seed=options.seed)
         ds = ds[:per_epoch][self.process_index :: self.process_count]
         ds = ds.map_with_index(self._make_sample)
-        ds = ds.batch(self.local_batch_size, drop_remainder=True)
+        ds = ds.batch(self.local_batch_size, drop_remainder=True).map(self._add_audio)
         self.dataset = ds.repeat(options.num_epochs)
 
     def _make_sample(self, index: int, example_id: int) -> dict[str, np.ndarray]:
@@ -284,9 +293,12 @@ class Pipeline:
             deperf=self.options.deperf,
             keep_eos=self.options.keep_eos,
         )
-        sample.update(self.audio(example_id))
         sample["example_id"] = np.int32(example_id)
         return sample
+
+    def _add_audio(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Audio is read per batch: each cached clip is copied once, into its row of the batch."""
+        return {**batch, **self.audio.read_batch(batch["example_id"])}
 
     def iterator(self) -> grain.DatasetIterator:
         """A checkpointable iterator (``get_state()`` / ``set_state(state)``) over local batches."""
