@@ -27,7 +27,6 @@ Command: ``python -m convert.musicgen SRC OUT [--keep-layers 25] [--format auto|
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -37,9 +36,16 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from bossa_jax.cli import ArgumentParser, add_output_options
 from bossa_jax.config import MusicgenConfig
 from bossa_jax.errors import CheckpointError, ConfigError, run_cli
-from bossa_jax.models.musicgen import MusicgenFeatures, load_musicgen, save_musicgen
+from bossa_jax.models.musicgen import (
+    CHECKPOINT_KIND,
+    MusicgenFeatures,
+    load_musicgen,
+    save_musicgen,
+)
+from bossa_jax.outputs import check_output
 
 __all__ = ["convert_musicgen", "load_musicgen", "save_musicgen", "to_hf_state_dict"]
 from convert.common import TensorReader, fill, load_state_dict, param_paths, read_hf_config
@@ -365,16 +371,18 @@ def convert_musicgen(
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m convert.musicgen", description=__doc__.split("\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m convert.musicgen", description=__doc__.split("\n")[0])
     parser.add_argument("src", help="HF directory, .safetensors/.bin/.pt file (HF or audiocraft)")
     parser.add_argument("out", help="output bossa-jax checkpoint directory")
     parser.add_argument("--keep-layers", type=int, default=25, help="blocks to keep (SPEC 1.3: 25)")
     parser.add_argument("--format", choices=("auto", "hf", "audiocraft"), default="auto")
     parser.add_argument("--num-heads", type=int, default=None, help="audiocraft only")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    add_output_options(parser)
     args = parser.parse_args(argv)
+    check_output(
+        args.out, CHECKPOINT_KIND, folder=True, overwrite=args.overwrite, sources=[args.src]
+    )
     model = convert_musicgen(
         args.src,
         keep_layers=args.keep_layers,
@@ -382,7 +390,7 @@ def main(argv: Sequence[str]) -> int:
         num_heads=args.num_heads,
         dtype=args.dtype,
     )
-    save_musicgen(args.out, model)
+    save_musicgen(args.out, model, overwrite=args.overwrite)
     cfg = model.cfg
     print(
         f"wrote {args.out}: MusicGen {cfg.keep_layers}/{cfg.num_hidden_layers} blocks, "
