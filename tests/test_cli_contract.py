@@ -25,11 +25,12 @@ import pytest
 import soundfile
 from flax import nnx
 
-from bossa_jax import checkpoint, sharding
+from bossa_jax import checkpoint
 from bossa_jax.config import EncodecConfig
 from bossa_jax.data import synthetic
 from bossa_jax.errors import run_cli
 from bossa_jax.models.encodec import EncodecEncoder, config_section
+from tests.test_features import random_module
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -88,14 +89,16 @@ def world(tmp_path_factory):
     (w / "notes.txt").write_text("a regular file\n")
     (w / "mydir").mkdir()
     (w / "mydir" / "keep.txt").write_text("keep me\n")
-    model = sharding.create_sharded(lambda: EncodecEncoder(ENCODEC_CFG, rngs=nnx.Rngs(0)))
+    model = random_module(lambda: EncodecEncoder(ENCODEC_CFG, rngs=nnx.Rngs(0)), 0)
     checkpoint.save_module(w / "encodec", model, config_section(ENCODEC_CFG))
     synthetic.write_pop909_song(w / "pop909", "001", bars=4, seed=0, audio_root=w / "audio")
     return w
 
 
 W = "{w}"  # rows name paths relative to the world folder
-FEATURES = ["--out", "{w}/f.npz", "--random-init", "0"]
+# tiny random models: a row that got past the checks (as on the code before issue 7) stays cheap
+RANDOM_TINY = ["--random-init", "0", "--config", TINY, "audio.clip_frames=50", "--no-progress"]
+FEATURES = ["--out", "{w}/f.npz", *RANDOM_TINY]
 NO_CHECKPOINTS = ["--out", "{w}/f.npz", "--musicgen", "{w}/none", "--encodec", "{w}/none"]
 CODES = [
     "--encodec",
@@ -118,15 +121,16 @@ ROWS = [
     ("features", ["{w}/silence.wav", *NO_CHECKPOINTS], "silence.wav: audio is silent"),
     ("features", ["{w}/short.wav", *NO_CHECKPOINTS], "at least 0.5 s"),
     ("features", ["{w}/good.wav", *FEATURES, "audio.bogus=1"], "audio.bogus"),
-    ("features", ["{w}/good.wav", *FEATURES, "--config", "{w}/none.yaml"], "none.yaml"),
+    ("features", ["{w}/good.wav", "--out", "{w}/f.npz", "--config", "{w}/none.yaml",
+                  "--random-init", "0"], "none.yaml"),
     ("features", ["{w}/good.wav", *FEATURES, "--bogus"], "unrecognized arguments"),
-    ("features", ["{w}/good.wav", "--out", "{w}/notes.txt/f.npz", "--random-init", "0"],
+    ("features", ["{w}/good.wav", "--out", "{w}/notes.txt/f.npz", *RANDOM_TINY],
      "is a file and not a folder"),
-    ("features", ["{w}/good.wav", "--out", ".", "--random-init", "0"], "give a new folder name"),
-    ("features", ["{w}/good.wav", "--out", "{w}/notes.txt", "--random-init", "0"], "is a file"),
-    ("features", ["{w}/good.wav", "--out", "/sys/bossa-feats", "--random-init", "0"],
+    ("features", ["{w}/good.wav", "--out", ".", *RANDOM_TINY], "give a new folder name"),
+    ("features", ["{w}/good.wav", "--out", "{w}/notes.txt", *RANDOM_TINY], "is a file"),
+    ("features", ["{w}/good.wav", "--out", "/sys/bossa-feats", *RANDOM_TINY],
      "cannot write in"),
-    ("features", ["{w}/good.wav", "--out", "{w}/good.wav", "--random-init", "0"], "is the input"),
+    ("features", ["{w}/good.wav", "--out", "{w}/good.wav", *RANDOM_TINY], "is the input"),
     # data.codes
     ("codes", [*CODES, "--out", "{w}/c", "--chunk-seconds", "0.001"], "--chunk-seconds"),
     ("codes", [*CODES, "--out", "{w}/c", "--chunk-seconds", "nan"], "--chunk-seconds"),
@@ -185,8 +189,10 @@ def assert_one_error_line(code: int, err: str, expect: str) -> None:
     "entry, argv, expect", ROWS, ids=[f"{r[0]}-{i}" for i, r in enumerate(ROWS)]
 )
 def test_bad_input_is_one_line_and_changes_nothing(
-    world, hf_dir, entry, argv, expect, capsys, monkeypatch
+    world, entry, argv, expect, capsys, monkeypatch, request
 ):
+    if "{w}/hf" in argv:
+        request.getfixturevalue("hf_dir")
     if "/sys/" in " ".join(argv) and not Path("/sys").is_dir():
         pytest.skip("needs /sys (a place no process can create files in)")
     monkeypatch.chdir(world)
@@ -219,7 +225,7 @@ def test_converter_output_never_deletes_user_files(world, hf_dir, capsys):
     assert (out / "config.yaml").stat().st_mtime_ns != mtime  # replaced
     assert (ckpt / "notes.txt").read_text() == "n" and (ckpt / "musicgen").is_dir()
     # a previous output of another kind, or one holding a user's file, is not replaced
-    argv = [str(world / "good.wav"), "--out", str(out), "--random-init", "0", "--overwrite"]
+    argv = [str(world / "good.wav"), "--out", str(out), *RANDOM_TINY, "--overwrite"]
     code, err = run_in_process("features", argv, capsys)
     assert_one_error_line(code, err, "holds a bossa-jax encodec checkpoint, not a features")
     (out / "mine.txt").write_text("m")
@@ -230,7 +236,7 @@ def test_converter_output_never_deletes_user_files(world, hf_dir, capsys):
 
 def test_features_output_never_deletes_user_files(world, capsys):
     """Was: ``features x.wav --out mydir`` deleted mydir/keep.txt."""
-    common = ["--random-init", "0", "--config", TINY, "audio.clip_frames=50", "--no-progress"]
+    common = RANDOM_TINY
     before = snapshot(world)
     code, err = run_in_process(
         "features", [str(world / "good.wav"), "--out", str(world / "mydir"), *common], capsys
