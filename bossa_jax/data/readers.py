@@ -215,6 +215,8 @@ def manifest_sources(
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as err:
         raise DataError(f"{path}: cannot read the manifest ({err.strerror})") from err
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not a text file; a manifest is JSON lines (UTF-8)") from err
     base = path.parent
     summary = ReadSummary()
     sources, seen = [], set()
