@@ -134,7 +134,7 @@ class TensorSource:
             except Exception as err:
                 raise CheckpointError(
                     f"{path}: not a readable safetensors file ({one_line(str(err))[:200]})"
-                ) from None
+                ) from err
             return iter(entries)
         import torch
 
@@ -145,7 +145,7 @@ class TensorSource:
             raise CheckpointError(
                 f"{path}: not a readable PyTorch checkpoint of tensors and allowed globals "
                 f"({one_line(str(err))[:200]})"
-            ) from None
+            ) from err
         if isinstance(tree, Mapping) and isinstance(tree.get("model"), Mapping):
             tree = tree["model"]  # fairseq-style wrapper
         if not isinstance(tree, Mapping):
@@ -235,7 +235,7 @@ def config_from_source(
                     f"{hf_config['vocab_size']}; the tensors are {vocab} x {hidden}"
                 )
         except KeyError as err:
-            raise CheckpointError(f"{src.name}: config.json has no key {err}") from None
+            raise CheckpointError(f"{src.name}: config.json has no key {err}") from err
     if heads is None:
         raise CheckpointError(
             f"{src.name}: the head count is not in the tensors; give --num-heads (MuseCoco-xLarge: "
@@ -263,7 +263,7 @@ def config_from_source(
     try:
         cfg.validate("musecoco")
     except ConfigError as err:
-        raise CheckpointError(f"{src.name}: {err}") from None
+        raise CheckpointError(f"{src.name}: {err}") from err
     return cfg
 
 
@@ -342,7 +342,7 @@ def convert_musecoco(
         try:
             hf_config = json.loads(Path(hf_config).read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{hf_config}: not a readable config.json ({err})") from None
+            raise CheckpointError(f"{hf_config}: not a readable config.json ({err})") from err
     cfg = config_from_source(src, hf_config, num_heads=num_heads, dtype=dtype)
     model = nnx.eval_shape(lambda: MuseCoco(cfg, rngs=nnx.Rngs(0)))
     fill(model, source_to_flax(src, model), source=src.name)
