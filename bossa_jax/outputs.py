@@ -94,7 +94,7 @@ def _check_writable(path: Path) -> None:
     try:  # a real probe: os.access says yes to root on read-only file systems
         handle, probe = tempfile.mkstemp(prefix=".bossa-probe.", dir=base)
     except OSError as err:
-        raise OutputError(f"{path}: cannot write in {base} ({err.strerror})") from None
+        raise OutputError(f"{path}: cannot write in {base} ({err.strerror})") from err
     os.close(handle)
     os.unlink(probe)
 

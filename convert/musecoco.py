@@ -31,6 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -98,7 +99,6 @@ class TensorSource:
 
     def __init__(self, source: str | Path | Mapping[str, Any], prefix: str = ""):
         self.name = "state dict" if isinstance(source, Mapping) else str(source)
-        self._files: list[Any] = []
         tensors: dict[str, Any] = {}
         if isinstance(source, Mapping):
             tensors = dict(_flat(source))
@@ -126,13 +126,16 @@ class TensorSource:
             from safetensors import safe_open
 
             try:
-                handle = safe_open(str(path), framework="pt")
+                with safe_open(str(path), framework="pt") as handle:
+                    entries = [
+                        (k, _Lazy(path, k, tuple(handle.get_slice(k).get_shape())))
+                        for k in handle.keys()
+                    ]
             except Exception as err:
                 raise CheckpointError(
                     f"{path}: not a readable safetensors file ({one_line(str(err))[:200]})"
                 ) from err
-            self._files.append(handle)
-            return ((k, _Lazy(handle, k)) for k in handle.keys())
+            return iter(entries)
         import torch
 
         try:
@@ -167,14 +170,17 @@ class TensorSource:
 
 
 class _Lazy:
-    """A safetensors entry: shape from the header, values on demand."""
+    """A safetensors entry: shape from the header, values on demand. Each read opens and closes
+    the file, so the mapped pages of tensors already converted do not stay resident."""
 
-    def __init__(self, handle: Any, key: str):
-        self.handle, self.key = handle, key
-        self.shape = tuple(handle.get_slice(key).get_shape())
+    def __init__(self, path: Path, key: str, shape: tuple[int, ...]):
+        self.path, self.key, self.shape = path, key, shape
 
     def read(self) -> np.ndarray:
-        return _torch_to_numpy(self.handle.get_tensor(self.key))
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as handle:
+            return _torch_to_numpy(handle.get_tensor(self.key))
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -340,6 +346,10 @@ def convert_musecoco(
     cfg = config_from_source(src, hf_config, num_heads=num_heads, dtype=dtype)
     model = nnx.eval_shape(lambda: MuseCoco(cfg, rngs=nnx.Rngs(0)))
     fill(model, source_to_flax(src, model), source=src.name)
+    # jax arrays for the checkpoint writer: on CPU, device_put aliases the (aligned) numpy buffers
+    # instead of copying, and orbax then writes them without a second host copy of the model
+    for var in param_paths(model).values():
+        var.set_value(jax.device_put(var.get_value()))
     return model
 
 

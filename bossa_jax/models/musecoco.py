@@ -183,7 +183,11 @@ class MuseCoco(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final LayerNorm and the untied head: (..., d) -> fp32 (..., vocab)."""
-        return self.lm_head(self.layer_norm(hidden)).astype(jnp.float32)
+        h = self.layer_norm(hidden)
+        # fp32 output straight from the matmul: bf16 logits would round the loss's inputs
+        return jnp.matmul(
+            h, self.lm_head.kernel[...].astype(h.dtype), preferred_element_type=jnp.float32
+        )
 
     # -- the recurrent form -------------------------------------------------------------------
 
