@@ -24,7 +24,6 @@ Command: ``python -m convert.musecoco SRC OUT [--config config.json] [--num-head
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,9 +35,11 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from bossa_jax.cli import ArgumentParser, add_output_options
 from bossa_jax.config import MuseCocoConfig
 from bossa_jax.errors import CheckpointError, ConfigError, one_line, run_cli
-from bossa_jax.models.musecoco import MuseCoco, load_musecoco, save_musecoco
+from bossa_jax.models.musecoco import CHECKPOINT_KIND, MuseCoco, load_musecoco, save_musecoco
+from bossa_jax.outputs import check_output
 from convert.common import PICKLE_ALLOWLIST, fill, param_paths
 
 __all__ = ["convert_musecoco", "load_musecoco", "save_musecoco", "to_hf_state_dict"]
@@ -367,16 +368,17 @@ def to_hf_state_dict(model: MuseCoco) -> dict[str, np.ndarray]:
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m convert.musecoco", description=__doc__.split("\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m convert.musecoco", description=__doc__.split("\n")[0])
     parser.add_argument("src", help="HF directory, .safetensors or .pt/.bin state dict")
     parser.add_argument("out", help="output bossa-jax checkpoint directory")
     parser.add_argument("--config", default=None, help="the HF port's config.json")
     parser.add_argument("--num-heads", type=int, default=None, help="without a config.json")
     parser.add_argument("--prefix", default="", help="key prefix to read under (musecoco.)")
     parser.add_argument("--dtype", choices=("keep", "float32", "bfloat16"), default="keep")
+    add_output_options(parser)
     args = parser.parse_args(argv)
+    sources = [args.src, *([args.config] if args.config else [])]
+    check_output(args.out, CHECKPOINT_KIND, folder=True, overwrite=args.overwrite, sources=sources)
     model = convert_musecoco(
         args.src,
         hf_config=args.config,
@@ -384,7 +386,7 @@ def main(argv: Sequence[str]) -> int:
         prefix=args.prefix,
         dtype=None if args.dtype == "keep" else args.dtype,
     )
-    save_musecoco(args.out, model)
+    save_musecoco(args.out, model, overwrite=args.overwrite)
     cfg = model.cfg
     print(
         f"wrote {args.out}: MuseCoco {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, "

@@ -59,6 +59,7 @@ ENTRY_POINTS = {
     "musicgen": lambda: importlib.import_module("convert.musicgen").main,
     "musicbert": lambda: importlib.import_module("convert.musicbert").main,
     "bossa": lambda: importlib.import_module("convert.bossa").main,
+    "musecoco": lambda: importlib.import_module("convert.musecoco").main,
     "train": lambda: _script("train.py").main,
     "generate": lambda: _script("generate.py").main,
 }
@@ -152,6 +153,8 @@ ROWS = [
     ("musicbert", ["{w}/missing.pt", "{w}/out", "--config", TINY, "qformer.bogus=1"],
      "qformer.bogus"),
     ("bossa", ["{w}/missing.pt", "{w}/out", "--config", TINY], "--stage"),
+    ("musecoco", ["{w}/mydir", "{w}/mydir"], "is the input"),
+    ("musecoco", ["{w}/missing", "{w}/out", "--dtype", "float16"], "invalid choice"),
     # train.py and generate.py
     ("train", ["stage1", "--config", TINY, "train.bogus=1"], "train.bogus"),
     ("train", [*EVAL, "--out", "{w}/mydir"], "is a folder"),

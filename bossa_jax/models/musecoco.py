@@ -228,9 +228,13 @@ class MuseCoco(nnx.Module):
         return self.logits(x), state
 
 
-def save_musecoco(path: str | os.PathLike, model: MuseCoco) -> Path:
+CHECKPOINT_KIND = "musecoco checkpoint"
+
+
+def save_musecoco(path: str | os.PathLike, model: MuseCoco, *, overwrite: bool = False) -> Path:
     """Writes a model (parameters + its config section) as a bossa-jax checkpoint."""
-    return checkpoint.save_module(path, model, {CONFIG_SECTION: dataclasses.asdict(model.cfg)})
+    config = {CONFIG_SECTION: dataclasses.asdict(model.cfg)}
+    return checkpoint.save_module(path, model, config, kind=CHECKPOINT_KIND, overwrite=overwrite)
 
 
 def load_musecoco(path: str | os.PathLike) -> MuseCoco:
