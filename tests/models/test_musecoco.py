@@ -228,3 +228,27 @@ def test_paper_shapes_match_the_official_model():
     # SPEC 4.2 / 4.5: 1,212,161,472 base parameters and 4,709,376 LoRA parameters
     assert count(nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))) == 1_212_161_472
     assert count(nnx.LoRAParam) == 4_709_376
+
+
+def test_sharded_creation_and_forward_on_eight_devices(weights, model):
+    from bossa_jax import sharding
+
+    cfg = load_config("configs/tiny.yaml", ["mesh.shape.fsdp=2", "mesh.shape.tensor=2"])
+    mesh = sharding.make_mesh(cfg.mesh)
+    tokens, pad, _, prefix = inputs(seed=6)
+    expected = forward(model, jnp.asarray(tokens), jnp.asarray(pad), jnp.asarray(prefix), 5)
+    with sharding.use_mesh(mesh, sharding.rules_of(cfg.mesh)):
+        sharded = sharding.create_sharded(lambda: MuseCoco(model.cfg, rngs=nnx.Rngs(0)))
+        nnx.update(
+            sharded,
+            jax.device_put(nnx.state(model), sharding.named_shardings(nnx.state(sharded), mesh)),
+        )
+        spec = jax.sharding.PartitionSpec
+        fc1 = sharded.layers.mlp.fc1.kernel[...]
+        assert fc1.sharding.spec == spec(None, "fsdp", "tensor")  # (layers, embed, mlp)
+        lora_a = sharded.layers.self_attn.q_proj.lora.a[...]
+        assert lora_a.sharding.spec == spec(None, "fsdp", None)  # (layers, embed, lora)
+        # q/k/v are 63 wide: tensor=2 cannot split them, so they are replicated along it
+        assert sharded.layers.self_attn.q_proj.kernel[...].sharding.spec == spec(None, "fsdp", None)
+        got = forward(sharded, jnp.asarray(tokens), jnp.asarray(pad), jnp.asarray(prefix), 5)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
