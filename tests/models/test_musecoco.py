@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +34,10 @@ PRODUCTS = [
     "torch",
     pytest.param(
         "fast_transformers",
+        # CI installs the kernel (.ci/run): there a missing one fails instead of skipping
         marks=pytest.mark.skipif(
-            importlib.util.find_spec("fast_transformers") is None,
-            reason="pytorch-fast-transformers not installed",
+            importlib.util.find_spec("fast_transformers") is None and not os.environ.get("CI"),
+            reason="pytorch-fast-transformers not installed (.ci/run builds it)",
         ),
     ),
 ]
