@@ -18,7 +18,10 @@ sine about +1.4. Fixed constants, so a clip's features never depend on the rest 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -41,23 +44,48 @@ def hop_length(sample_rate: int) -> int:
     return sample_rate // audio.FRAME_RATE
 
 
+@contextlib.contextmanager
+def scipy_importable() -> Iterator[None]:
+    """Lifts ``sys.modules["torch"] = None`` (how ``train.py`` keeps tensorboardX from importing
+    torch) while librosa imports scipy: scipy takes any "torch" entry for the module and fails on
+    None."""
+    blocked = "torch" in sys.modules and sys.modules["torch"] is None
+    if blocked:
+        del sys.modules["torch"]
+    try:
+        yield
+    finally:
+        if blocked and "torch" not in sys.modules:
+            sys.modules["torch"] = None
+
+
+@functools.lru_cache(maxsize=8)
+def mel_filters(sample_rate: int, n_mels: int) -> np.ndarray:
+    """librosa's Slaney mel filterbank (n_mels, N_FFT // 2 + 1), float32."""
+    with scipy_importable():
+        import librosa
+
+        filters = librosa.filters.mel(sr=sample_rate, n_fft=N_FFT, n_mels=n_mels)
+    return filters.astype(np.float32)
+
+
 def log_mel(
     samples: np.ndarray, *, sample_rate: int = audio.SAMPLE_RATE, n_mels: int, frames: int
 ) -> np.ndarray:
     """Mono samples -> normalised log-mel frames (frames, n_mels) float32; frame ``i`` is centred
-    on sample ``i * hop`` (zeros past the end of ``samples``)."""
-    import librosa
-
+    on sample ``i * hop`` (zeros past the end of ``samples``). The power spectrogram is
+    ``librosa.feature.melspectrogram``'s (periodic Hann window, ``center=True``, zero padding),
+    computed here with numpy's FFT (tests/test_mel.py checks the two agree)."""
     hop = hop_length(sample_rate)
-    padded = np.zeros(frames * hop, np.float32)
-    samples = np.asarray(samples, np.float32)[: padded.size]
-    padded[: samples.size] = samples
-    power = librosa.feature.melspectrogram(
-        y=padded, sr=sample_rate, n_fft=N_FFT, hop_length=hop, n_mels=n_mels,
-        center=True, pad_mode="constant", power=2.0,
-    )[:, :frames]  # fmt: skip
-    decibels = np.maximum(10.0 * np.log10(np.maximum(power, 1e-30)), FLOOR_DB)
-    return ((decibels - CENTER_DB) / SCALE_DB).T.astype(np.float32)
+    padded = np.zeros(frames * hop + N_FFT, np.float32)  # N_FFT // 2 zeros on each side
+    samples = np.asarray(samples, np.float32)[: frames * hop]
+    padded[N_FFT // 2 : N_FFT // 2 + samples.size] = samples
+    windows = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::hop][:frames]
+    hann = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
+    power = np.abs(np.fft.rfft(windows * hann, axis=1)) ** 2
+    mels = power.astype(np.float32) @ mel_filters(sample_rate, n_mels).T
+    decibels = np.maximum(10.0 * np.log10(np.maximum(mels, 1e-30)), FLOOR_DB)
+    return ((decibels - CENTER_DB) / SCALE_DB).astype(np.float32)
 
 
 def clip_features(

@@ -4,6 +4,10 @@ the stage-1 features path (window index from the audio, feature cache of mel fra
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile
@@ -13,6 +17,7 @@ from bossa_jax.config import load_config
 from bossa_jax.data import style_corpus as sc
 from bossa_jax.errors import ConfigError
 
+ROOT = Path(__file__).resolve().parents[1]
 N_MELS = 16
 MEL = [
     "audio.frontend=mel",
@@ -46,6 +51,35 @@ def test_shape_mask_and_click_frames(cfg, tmp_path):
         near = slice(round(50 * t) - 5, round(50 * t) + 6)
         assert abs(near.start + int(np.argmax(energy[near])) - 50 * t) <= 1
     assert np.allclose(feats[204:], (mel.FLOOR_DB - mel.CENTER_DB) / mel.SCALE_DB)  # padding
+
+
+def test_matches_librosa_melspectrogram():
+    """The numpy STFT + librosa filterbank equals librosa.feature.melspectrogram (center=True,
+    zero padding) before the dB normalisation."""
+    y = 0.3 * np.random.default_rng(1).standard_normal(512 * 640).astype(np.float32)
+    with mel.scipy_importable():
+        import librosa
+
+        power = librosa.feature.melspectrogram(
+            y=y, sr=32000, n_fft=mel.N_FFT, hop_length=640, n_mels=N_MELS, pad_mode="constant"
+        )[:, :512]
+    decibels = np.maximum(10 * np.log10(np.maximum(power, 1e-30)), mel.FLOOR_DB)
+    want = ((decibels - mel.CENTER_DB) / mel.SCALE_DB).T
+    np.testing.assert_allclose(mel.log_mel(y, n_mels=N_MELS, frames=512), want, atol=1e-5)
+
+
+def test_works_where_train_py_blocks_torch():
+    """train.py sets sys.modules["torch"] = None; scipy (under librosa) used to fail on it."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np\nfrom bossa_jax import mel\n"
+        "print(mel.log_mel(np.full(6400, 0.1, np.float32), n_mels=8, frames=10).shape)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "(10, 8)"
 
 
 def test_clip_window_matches_the_codes_window_and_is_deterministic(cfg, tmp_path):
