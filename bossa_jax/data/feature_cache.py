@@ -573,18 +573,15 @@ def build_feature_cache(
     compute_fn: Callable[[np.ndarray], np.ndarray],
     *,
     compute_id: str,
-    dtype: str = "bfloat16",
-    shard_size: int = 256,
-    batch_size: int = 8,
-    store_codes: bool = False,
-    progress: bool = True,
+    **options: Any,
 ) -> FeatureCache:
-    """Computes ``compute_fn(codes (b, 4, 508) int32) -> (b, 512, D)`` for every clip, stored as
-    ``dtype`` (bfloat16, float16 or float32) with the clip's audio mask (and its padded codes when
-    ``store_codes``).
+    """Computes ``compute_fn(codes (b, 4, 508) int32) -> (b, 512, D)`` for every clip, stored with
+    the clip's audio mask (and its padded codes with ``store_codes=True``).
 
     ``song_codes(song_id)`` gives a song's whole codes (e.g. ``CodesStore(...).codes``);
-    ``compute_id`` names the compute function and its weights (a different id refuses to resume).
+    ``compute_id`` names the compute function and its weights (a different id refuses to resume);
+    ``options``: ``dtype`` (bfloat16, float16 or float32), ``shard_size``, ``batch_size``,
+    ``store_codes``, ``progress`` as :func:`build_clip_feature_cache` takes them.
     """
 
     def compute(chunk: Sequence[ClipRef]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -593,10 +590,7 @@ def build_feature_cache(
         features = np.asarray(compute_fn(codes))
         return features, np.stack([p[1] for p in padded]), codes
 
-    return build_clip_feature_cache(
-        root, clips, compute, compute_id=compute_id, dtype=dtype, shard_size=shard_size,
-        batch_size=batch_size, store_codes=store_codes, progress=progress,
-    )  # fmt: skip
+    return build_clip_feature_cache(root, clips, compute, compute_id=compute_id, **options)
 
 
 def build_clip_feature_cache(
