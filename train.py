@@ -5,6 +5,8 @@
     train.py eval-retrieval --config FILE --checkpoint DIR [--pairs 128] [--rounds 10]
                     [--seed 0] [--augment] [--out report.json] [--overwrite] [key=value ...]
     train.py stage2 ...            (not built yet: exits non-zero)
+    train.py make-corpus --out DIR [--songs 120] [--seed 0] [--bars 16] [--styles S ...]
+                    [--no-audio] [--soundfont FILE] [--overwrite]
 
 ``stage1`` runs the stage-1 loop (bossa_jax.train.stage1 on bossa_jax.train.loop): metrics every
 ``train.log_every`` steps to the console, ``<out_dir>/metrics.jsonl`` and TensorBoard; validation
@@ -12,6 +14,10 @@ every ``train.eval_every`` steps; orbax checkpoints in ``<out_dir>/checkpoints``
 write a checkpoint and exit (0 / 130); ``--resume`` continues from the latest checkpoint.
 ``--synthetic N`` generates a corpus of N songs into ``<out_dir>/synthetic-data`` and trains on it
 (a CPU smoke run: ``train.py stage1 --config configs/tiny.yaml --synthetic 8``).
+
+``make-corpus`` writes the synthetic style corpus (bossa_jax.data.style_corpus): lead sheets,
+piano arrangements in six accompaniment styles, band renderings (FluidSynth), a JSONL manifest with
+a style label per song and a held-out split.
 
 ``eval-retrieval`` ranks the symbolic candidates of N test pairs for each audio clip, R rounds
 (paper Appendix D; bossa_jax.train.evaluate) and writes a JSON report.
@@ -32,7 +38,7 @@ from bossa_jax.cli import ArgumentParser as _Parser
 from bossa_jax.cli import add_output_options
 from bossa_jax.errors import BossaError, run_cli
 
-COMMANDS = ("stage1", "eval-retrieval", "stage2")
+COMMANDS = ("stage1", "eval-retrieval", "stage2", "make-corpus")
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
@@ -57,8 +63,31 @@ def _parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--augment", action="store_true", help="transpose the symbolic side")
         parser.add_argument("--out", default="retrieval_report.json")
         add_output_options(parser)
+    elif command == "make-corpus":
+        from bossa_jax.data import style_corpus
+
+        parser.add_argument("--out", required=True, help="corpus folder to create")
+        parser.add_argument("--songs", type=int, default=120)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--bars", type=int, default=16, help="bars per song")
+        parser.add_argument("--styles", nargs="+", default=list(style_corpus.STYLES))
+        parser.add_argument("--no-audio", action="store_true", help="skip the band rendering")
+        parser.add_argument("--soundfont", default=str(style_corpus.DEFAULT_SOUNDFONT))
+        add_output_options(parser)
+        return parser
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
+
+
+def make_corpus_main(args: argparse.Namespace) -> int:
+    from bossa_jax.data import style_corpus
+
+    manifest = style_corpus.make_corpus(
+        args.out, songs=args.songs, seed=args.seed, styles=args.styles, bars=args.bars,
+        audio=not args.no_audio, soundfont=args.soundfont, overwrite=args.overwrite,
+    )  # fmt: skip
+    print(f"make-corpus: wrote {args.songs} songs, manifest {manifest}", flush=True)
+    return 0
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -132,6 +161,8 @@ def main(argv: Sequence[str]) -> int:
         raise BossaError("train.py stage2: stage-2 training is not built yet")
     if args.command == "stage1":
         return stage1_main(args)
+    if args.command == "make-corpus":
+        return make_corpus_main(args)
     return eval_main(args)
 
 

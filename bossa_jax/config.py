@@ -248,10 +248,15 @@ class QFormerConfig(Section):
 
 @dataclasses.dataclass(frozen=True)
 class AudioConfig(Section):
-    """Clip geometry shared by audio I/O, feature extraction and segmentation (SPEC 1.1)."""
+    """Clip geometry shared by audio I/O, feature extraction and segmentation (SPEC 1.1), and
+    the frozen audio front end the Q-Former reads: ``musicgen`` (the paper's MusicGen features,
+    width ``musicgen.hidden_size``) or ``mel`` (log-mel frames of width ``n_mels`` at the same
+    50 frames/s and clip geometry, for when no MusicGen weights exist: ``bossa_jax.mel``)."""
 
     clip_frames: int = option(508, POSITIVE)  # 10.16 s at 50 Hz
     min_seconds: float = option(0.5, NON_NEGATIVE)
+    frontend: str = option("musicgen", one_of("musicgen", "mel"))
+    n_mels: int = option(64, POSITIVE)
 
     @property
     def pattern_steps(self) -> int:
@@ -471,11 +476,20 @@ class Config(Section):
         super().validate(prefix)
 
     def check_relations(self, prefix: str) -> None:
-        # the Q-Former's cross-attention reads MusicGen features directly (SPEC 1.3)
+        # the Q-Former's cross-attention reads the front end's frames directly (SPEC 1.3)
+        if self.audio.frontend == "mel":
+            width_key, width = "audio.n_mels", self.audio.n_mels
+            _require(
+                self.stage1.audio_input == "features",
+                _join(prefix, "stage1.audio_input"),
+                "must be 'features' with audio.frontend=mel (codes feed MusicGen)",
+            )
+        else:
+            width_key, width = "musicgen.hidden_size", self.musicgen.hidden_size
         _require(
-            self.qformer.encoder_width == self.musicgen.hidden_size,
+            self.qformer.encoder_width == width,
             _join(prefix, "qformer.encoder_width"),
-            f"must equal musicgen.hidden_size ({self.musicgen.hidden_size}), "
+            f"must equal {width_key} ({width}) for audio.frontend={self.audio.frontend}, "
             f"got {self.qformer.encoder_width}",
         )
 

@@ -322,8 +322,11 @@ def _require_path(value: str, key: str, what: str) -> Path:
     return path
 
 
-def _sources(cfg: Stage1Config) -> tuple[list[readers.SongSource], Path | None, Path]:
-    """(song sources, split file or None, codes store folder) of the configured dataset."""
+def _sources(
+    cfg: Stage1Config, need_codes: bool = True
+) -> tuple[list[readers.SongSource], Path | None, Path | None]:
+    """(song sources, split file or None, codes store folder or None when not ``need_codes``)
+    of the configured dataset."""
     if cfg.dataset == "synthetic":
         root = Path(cfg.data_dir) if cfg.data_dir else None
         if root is None:
@@ -342,6 +345,8 @@ def _sources(cfg: Stage1Config) -> tuple[list[readers.SongSource], Path | None, 
     split_file = None
     if cfg.split_file:
         split_file = _require_path(cfg.split_file, "split_file", "split file")
+    if not need_codes:
+        return sources, split_file, None
     codes = _require_path(cfg.codes_dir, "codes_dir", "per-song EnCodec codes store")
     return sources, split_file, codes
 
@@ -383,6 +388,8 @@ def load_split(config: Config, split: str) -> Stage1Split:
     """Reads the songs of ``split``, their codes, the window index and the audio source (features
     mode: the split's feature cache, built on first use)."""
     cfg = config.stage1
+    if config.audio.frontend == "mel":
+        return _load_mel_split(config, split)
     sources, split_file, codes_dir = _sources(cfg)
     records, _ = readers.read_songs(
         sources, split=split, split_file=split_file, require_audio=False, logger=log
@@ -399,26 +406,66 @@ def load_split(config: Config, split: str) -> Stage1Split:
     )
     if cfg.audio_input == "codes":
         return Stage1Split(split, index, pl.AudioSource(index, codes=codes))
-    if cfg.feature_cache_dir:
-        cache_root = Path(cfg.feature_cache_dir) / split
-    elif cfg.dataset == "synthetic":
-        cache_root = Path(cfg.data_dir) / f"features-{config.qformer.encoder_width}" / split
-    else:
-        raise ConfigError(
-            "config key 'stage1.feature_cache_dir': not set; audio_input=features needs a cache"
-        )
-    if (cache_root / fc.MANIFEST).is_file():
-        cache = fc.FeatureCache(cache_root)
-        if cache.dtype != np.dtype(fc.dtype_of(cfg.feature_dtype)):
-            raise ConfigError(
-                f"config key 'stage1.feature_dtype': {cfg.feature_dtype}, but the feature cache "
-                f"{cache_root} stores {cache.dtype}; set the key to match or use another folder"
-            )
-    else:
+    cache_root = _cache_root(config, split, f"features-{config.qformer.encoder_width}")
+    cache = _existing_cache(config, cache_root)
+    if cache is None:
         compute, compute_id = _feature_fn(config)
         cache = fc.build_feature_cache(
             cache_root, index.clips, codes.codes, compute, compute_id=compute_id,
             dtype=cfg.feature_dtype, progress=False,
+        )  # fmt: skip
+    return Stage1Split(split, index, pl.AudioSource(index, features=cache))
+
+
+def _cache_root(config: Config, split: str, synthetic_name: str) -> Path:
+    cfg = config.stage1
+    if cfg.feature_cache_dir:
+        return Path(cfg.feature_cache_dir) / split
+    if cfg.dataset == "synthetic":
+        return Path(cfg.data_dir) / synthetic_name / split
+    raise ConfigError(
+        "config key 'stage1.feature_cache_dir': not set; audio_input=features needs a cache"
+    )
+
+
+def _existing_cache(config: Config, cache_root: Path) -> fc.FeatureCache | None:
+    """The feature cache at ``cache_root`` if one is there (its dtype must be the config's)."""
+    if not (cache_root / fc.MANIFEST).is_file():
+        return None
+    cache = fc.FeatureCache(cache_root)
+    if cache.dtype != np.dtype(fc.dtype_of(config.stage1.feature_dtype)):
+        raise ConfigError(
+            f"config key 'stage1.feature_dtype': {config.stage1.feature_dtype}, but the feature "
+            f"cache {cache_root} stores {cache.dtype}; set the key to match or use another folder"
+        )
+    return cache
+
+
+def _load_mel_split(config: Config, split: str) -> Stage1Split:
+    """:func:`load_split` for ``audio.frontend=mel``: no codes store; the window index counts the
+    audio's 50 Hz frames and the feature cache holds log-mel frames of the same clips
+    (bossa_jax.mel), computed from the songs' audio files on first use."""
+    from bossa_jax import mel
+
+    cfg = config.stage1
+    sources, split_file, _ = _sources(cfg, need_codes=False)
+    records, _ = readers.read_songs(
+        sources, split=split, split_file=split_file, require_audio=True, logger=log
+    )
+    if not records:
+        raise DataError(f"no readable songs with audio in the {split!r} split of {cfg.data_dir}")
+    sample_rate = config.encodec.sampling_rate
+    frames = {r.id: mel.audio_frames(r.audio, sample_rate) for r in records}
+    index = pl.build_index(
+        records, frames, clamp=cfg.clamp_clips, clip_length=config.audio.clip_frames
+    )
+    cache_root = _cache_root(config, split, f"features-mel-{config.audio.n_mels}")
+    cache = _existing_cache(config, cache_root)
+    if cache is None:
+        audio_of = {r.id: r.audio for r in records}.__getitem__
+        cache = fc.build_clip_feature_cache(
+            cache_root, index.clips, mel.clips_fn(config, audio_of),
+            compute_id=mel.compute_id(config), dtype=cfg.feature_dtype, progress=False,
         )  # fmt: skip
     return Stage1Split(split, index, pl.AudioSource(index, features=cache))
 
