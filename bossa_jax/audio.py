@@ -175,6 +175,16 @@ def audio_duration(path: str | os.PathLike) -> float:
     return probe.source_frames / probe.source_rate
 
 
+def check_audio(
+    path: str | os.PathLike, *, sample_rate: int = SAMPLE_RATE, clip_frames: int = CLIP_FRAMES
+) -> float:
+    """The one rule every command applies to an audio input before any model work: the file
+    decodes, lasts at least MIN_SECONDS, and its default clip window (the one :func:`load_clip`
+    cuts) has finite samples with music in it. Returns the duration in seconds."""
+    load_clip(path, sample_rate=sample_rate, clip_frames=clip_frames)
+    return audio_duration(path)
+
+
 def _resampled_length(source_frames: int, source_rate: int, sample_rate: int) -> int:
     """soxr's output length, round(n * sample_rate / source_rate), in exact integer arithmetic."""
     return (2 * source_frames * sample_rate + source_rate) // (2 * source_rate)

@@ -23,7 +23,6 @@ cache) and skips the ``musicgen_decoder.`` keys. Stage 2 is not converted yet.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,9 +31,11 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from bossa_jax.cli import ArgumentParser, add_output_options
 from bossa_jax.config import Config, load_config
 from bossa_jax.errors import CheckpointError, run_cli
-from bossa_jax.models.bossa import Stage1Model, save_stage1
+from bossa_jax.models.bossa import CHECKPOINT_KIND, Stage1Model, save_stage1
+from bossa_jax.outputs import check_output
 from convert.common import LazyTensors, TensorReader, check_missing, fill, load_state_dict
 from convert.musicbert import Rule, _same, _transpose, official_qformer_rules, values_from_official
 from convert.musicgen import HF_BLOCK_TABLE, OFFICIAL_PREFIX, hf_to_flax
@@ -169,7 +170,7 @@ def convert_stage1(
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m convert.bossa",
         description="Official BOSSA stage-1 checkpoint (.pt) -> bossa-jax Stage1Model (SPEC 7).",
     )
@@ -183,10 +184,14 @@ def main(argv: Sequence[str]) -> int:
         "--no-musicgen", action="store_true", help="leave MusicGen out (features from a cache)"
     )
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
-    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
+    add_output_options(parser)
+    args = parser.parse_args(argv)
+    check_output(
+        args.output, CHECKPOINT_KIND, folder=True, overwrite=args.overwrite, sources=[args.source]
+    )
     cfg = load_config(args.config, args.overrides)
     model = convert_stage1(args.source, cfg, with_musicgen=not args.no_musicgen)
-    save_stage1(args.output, model)
+    save_stage1(args.output, model, overwrite=args.overwrite)
     q = cfg.qformer
     print(
         f"wrote {args.output}: stage-1 Q-Former {q.num_hidden_layers}x{q.hidden_size}, "

@@ -127,8 +127,8 @@ def _torch_load(path: Path) -> Any:
                 + " (only tensors and "
                 + ", ".join(sorted({_global_name(g) for g in PICKLE_ALLOWLIST}))
                 + " are allowed)"
-            ) from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({text[:200]})") from None
+            ) from err
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({text[:200]})") from err
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> LazyTensors:
@@ -232,7 +232,7 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     try:
         return json.loads(config.read_text())
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config}: not valid JSON ({err})") from None
+        raise CheckpointError(f"{config}: not valid JSON ({err})") from err
 
 
 def param_paths(module: nnx.Module) -> dict[str, nnx.Variable]:

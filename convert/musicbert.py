@@ -37,9 +37,11 @@ import numpy as np
 from flax import nnx
 
 from bossa_jax.checkpoint import save_module
+from bossa_jax.cli import ArgumentParser, add_output_options
 from bossa_jax.config import QFormerConfig, build, load_config
 from bossa_jax.errors import CheckpointError, ConfigError, run_cli
 from bossa_jax.models.qformer import FIELDS_PER_NOTE, QFormer
+from bossa_jax.outputs import check_output
 from convert.common import (
     LazyTensors,
     TensorReader,
@@ -268,7 +270,7 @@ def infer_config(
     try:
         cfg.validate("qformer")
     except ConfigError as err:
-        raise CheckpointError(f"{source}: {err}") from None
+        raise CheckpointError(f"{source}: {err}") from err
     return cfg
 
 
@@ -336,8 +338,11 @@ def convert_musicbert(
     return model, cfg
 
 
+CHECKPOINT_KIND = "qformer checkpoint"
+
+
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m convert.musicbert",
         description="MusicBERT-base (fairseq .pt) -> bossa-jax Q-Former checkpoint (SPEC 2.3).",
     )
@@ -348,12 +353,16 @@ def main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="init seed of cross-attn and queries")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    add_output_options(parser)
     args = parser.parse_args(argv)
+    check_output(
+        args.output, CHECKPOINT_KIND, folder=True, overwrite=args.overwrite, sources=[args.source]
+    )
     base = load_config(args.config, args.overrides).qformer
     model, cfg = convert_musicbert(args.source, base, seed=args.seed)
     config = {"name": "musicbert", "qformer": dataclasses.asdict(cfg)}
     build(QFormerConfig, config["qformer"], "qformer")  # what a loader will do with it
-    save_module(args.output, model, config)
+    save_module(args.output, model, config, kind=CHECKPOINT_KIND, overwrite=args.overwrite)
     print(
         f"wrote {args.output}: Q-Former {cfg.num_hidden_layers}x{cfg.hidden_size} "
         f"({cfg.num_attention_heads} heads) from {args.source}; fresh cross-attention in "

@@ -36,7 +36,6 @@ Command: ``python -m convert.musicgen SRC OUT [--keep-layers 25] [--format auto|
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -47,9 +46,16 @@ import numpy as np
 import yaml
 from flax import nnx
 
+from bossa_jax.cli import ArgumentParser, add_output_options
 from bossa_jax.config import DTYPES, MusicgenConfig
 from bossa_jax.errors import CheckpointError, ConfigError, run_cli
-from bossa_jax.models.musicgen import MusicgenFeatures, load_musicgen, save_musicgen
+from bossa_jax.models.musicgen import (
+    CHECKPOINT_KIND,
+    MusicgenFeatures,
+    load_musicgen,
+    save_musicgen,
+)
+from bossa_jax.outputs import check_output
 
 __all__ = ["convert_musicgen", "load_musicgen", "save_musicgen", "to_hf_state_dict"]
 from convert.common import TensorReader, fill, param_paths, read_checkpoint, read_hf_config
@@ -187,7 +193,7 @@ def config_from_hf(
             dtype=dtype,
         )
     except KeyError as err:
-        raise CheckpointError(f"{source}: config.json has no decoder key {err}") from None
+        raise CheckpointError(f"{source}: config.json has no decoder key {err}") from err
 
 
 def _make_config(source: str, **fields: Any) -> MusicgenConfig:
@@ -195,7 +201,7 @@ def _make_config(source: str, **fields: Any) -> MusicgenConfig:
     try:
         cfg.validate("musicgen")
     except ConfigError as err:
-        raise CheckpointError(f"{source}: {err}") from None
+        raise CheckpointError(f"{source}: {err}") from err
     return cfg
 
 
@@ -421,9 +427,7 @@ def _xp_heads(xp_cfg: Any, num_heads: int | None, *, source: str) -> int | None:
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m convert.musicgen", description=__doc__.split("\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m convert.musicgen", description=__doc__.split("\n")[0])
     parser.add_argument("src", help="HF directory, .safetensors/.bin/.pt file (HF or audiocraft)")
     parser.add_argument("out", help="output bossa-jax checkpoint directory")
     parser.add_argument("--keep-layers", type=int, default=25, help="blocks to keep (SPEC 1.3: 25)")
@@ -434,7 +438,11 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default=None, help="default: the source's"
     )
+    add_output_options(parser)
     args = parser.parse_args(argv)
+    check_output(
+        args.out, CHECKPOINT_KIND, folder=True, overwrite=args.overwrite, sources=[args.src]
+    )
     model = convert_musicgen(
         args.src,
         keep_layers=args.keep_layers,
@@ -442,7 +450,7 @@ def main(argv: Sequence[str]) -> int:
         num_heads=args.num_heads,
         dtype=args.dtype,
     )
-    save_musicgen(args.out, model)
+    save_musicgen(args.out, model, overwrite=args.overwrite)
     cfg = model.cfg
     print(
         f"wrote {args.out}: MusicGen {cfg.keep_layers}/{cfg.num_hidden_layers} blocks, "

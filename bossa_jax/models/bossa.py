@@ -319,7 +319,10 @@ def stage1_loss_fn(
     return loss, metrics
 
 
-def save_stage1(path: str | os.PathLike, model: Stage1Model) -> Path:
+CHECKPOINT_KIND = "stage-1 checkpoint"
+
+
+def save_stage1(path: str | os.PathLike, model: Stage1Model, *, overwrite: bool = False) -> Path:
     """Writes a stage-1 model (parameters + the configs that build it) as a bossa-jax checkpoint;
     the MusicGen section is None when the model was built without MusicGen."""
     config = {
@@ -328,7 +331,7 @@ def save_stage1(path: str | os.PathLike, model: Stage1Model) -> Path:
         "musicgen": None if model.musicgen is None else dataclasses.asdict(model.musicgen.cfg),
         "proj_dim": model.audio_proj.out_features,
     }
-    return checkpoint.save_module(path, model, config)
+    return checkpoint.save_module(path, model, config, kind=CHECKPOINT_KIND, overwrite=overwrite)
 
 
 def load_stage1(path: str | os.PathLike, *, dtype: jnp.dtype | None = None) -> Stage1Model:

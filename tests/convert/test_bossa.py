@@ -13,6 +13,7 @@ import torch
 from flax import nnx
 from transformers import MusicgenDecoderConfig, MusicgenModel
 
+from bossa_jax.cli import UsageError
 from bossa_jax.config import load_config
 from bossa_jax.errors import CheckpointError
 from bossa_jax.models.bossa import load_stage1
@@ -167,7 +168,7 @@ def test_cli_round_trip(official, tmp_path, capsys):
     assert restored.keys() == direct.keys()
     for key in direct:
         np.testing.assert_array_equal(restored[key], direct[key])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--stage: invalid choice: 2"):  # one line, exit 2
         main([str(source), str(out / "x"), "--stage", "2"])
 
 
