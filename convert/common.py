@@ -145,24 +145,28 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> LazyTensors:
 
 def _safetensors(path: Path) -> LazyTensors:
     """A ``.safetensors`` file, one tensor per access through ``safe_open`` (bf16, which numpy
-    cannot hold, through the flax backend: ``ml_dtypes.bfloat16``)."""
+    cannot hold, through the flax backend: ``ml_dtypes.bfloat16``). The file is opened for each
+    tensor, so no mapping of the whole file stays resident while the converter runs (with one
+    open handle every tensor read so far stayed in the process's memory)."""
     from safetensors import safe_open
 
     try:
-        handle = safe_open(str(path), framework="numpy")
-        dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
+        with safe_open(str(path), framework="numpy") as handle:
+            dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
     except Exception as err:
         raise CheckpointError(
             f"{path}: not a readable safetensors file ({one_line(str(err))[:200]})"
         ) from err
     numpy_dtypes = ("F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL")
-    if any(dtype not in numpy_dtypes for dtype in dtypes.values()):
-        flax_handle = safe_open(str(path), framework="flax")
 
     def loader(key: str) -> Callable[[], np.ndarray]:
-        if dtypes[key] in numpy_dtypes:
-            return lambda: handle.get_tensor(key)
-        return lambda: np.asarray(flax_handle.get_tensor(key))
+        framework = "numpy" if dtypes[key] in numpy_dtypes else "flax"
+
+        def read() -> np.ndarray:
+            with safe_open(str(path), framework=framework) as handle:
+                return np.asarray(handle.get_tensor(key))
+
+        return read
 
     return LazyTensors({key: loader(key) for key in dtypes})
 

@@ -193,7 +193,7 @@ class AudioSource:
     def read_batch(self, example_ids: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """The audio fields of these examples, stacked: ``features`` (B, 512, D) and
         ``audio_mask`` (B, 512) read straight into the batch, or ``codes`` (B, 4, 508) cut from
-        the songs' codes."""
+        the songs' codes (508: the index's clip length, ``audio.clip_frames``)."""
         if self._features is not None:
             return self._features.read_batch(example_ids)
         length = self.index.clip_length

@@ -85,6 +85,12 @@ def test_tensors_are_read_on_access_one_at_a_time(tmp_path, monkeypatch):
         def __getattr__(self, name):
             return getattr(self.handle, name)
 
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
         def get_tensor(self, key):
             reads.append(key)
             return self.handle.get_tensor(key)
