@@ -24,7 +24,10 @@ The four call patterns of stage 1 are the public methods: :meth:`QFormer.audio_p
 ITC audio side; also returns the queries' self-attention keys/values per layer for ITG),
 :meth:`QFormer.symbolic_pass` (SPEC 3.1), :meth:`QFormer.multimodal_pass` (SPEC 3.3, ITM) and
 :meth:`QFormer.decoder_logits` (SPEC 3.4, ITG). Dropout (hidden and attention probabilities) is on
-only when ``deterministic=False`` and a ``dropout_rng`` key is given.
+only when ``deterministic=False`` and a ``dropout_rng`` key is given; attention (with its dropout,
+past keys/values and returned K/V) is the shared :class:`~bossa_jax.layers.Attention`. A caller
+that runs several patterns on the same rows (the stage-1 losses) can compute
+:meth:`QFormer.embed_notes` and :meth:`QFormer.project_features` once and pass them in.
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ def test_attention_dropout_drops_probabilities():
     scores = torch.from_numpy(np.einsum("bthd,bshd->bhts", q, k) / 2.0 + np.asarray(bias))
     scores = scores.masked_fill(~torch.from_numpy(key_mask), torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, -1) * torch.from_numpy(np.array(kept))
-    want = torch.einsum("bhts,bshd->bthd", probs, torch.from_numpy(np.asarray(v)))
+    want = torch.einsum("bhts,bshd->bthd", probs, torch.from_numpy(np.array(v)))
     np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=1e-5)
     # without a key or at rate 0 it is the fused path
     plain = dot_product_attention(q, k, v, mask=key_mask, bias=bias)
