@@ -63,7 +63,8 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 
 
-def jax_step_rate(cfg, local, steps: int, repeats: int) -> dict:
+def compile_jax_step(cfg, local):
+    """(compiled step, program, global batch, rng, compile seconds, FLOPs per step)."""
     import jax
 
     from bossa_jax import sharding
@@ -82,19 +83,25 @@ def jax_step_rate(cfg, local, steps: int, repeats: int) -> dict:
         )
         step = lowered.compile()
         compile_s = time.perf_counter() - t0
-        cost = step.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        flops = float((cost or {}).get("flops", 0.0))
-        state = program.state
-        state, metrics = step(state, program.frozen, batch, rng)  # warm-up
+    cost = step.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return step, program, batch, rng, compile_s, float((cost or {}).get("flops", 0.0))
+
+
+def jax_step_rate(cfg, local, steps: int, repeats: int) -> dict:
+    import jax
+
+    step, program, batch, rng, compile_s, flops = compile_jax_step(cfg, local)
+    state = program.state
+    state, metrics = step(state, program.frozen, batch, rng)  # warm-up
+    jax.block_until_ready(metrics)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = step(state, program.frozen, batch, rng)
         jax.block_until_ready(metrics)
-        rates = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                state, metrics = step(state, program.frozen, batch, rng)
-            jax.block_until_ready(metrics)
-            rates.append(steps / (time.perf_counter() - t0))
+        rates.append(steps / (time.perf_counter() - t0))
     n = local["notes"].shape[0]
     steps_per_s = statistics.median(rates)
     return {
@@ -226,24 +233,7 @@ def jax_official_runner(cfg, local):
     """(run(steps) -> seconds per step, info) for the jitted bossa-jax step."""
     import jax
 
-    from bossa_jax import sharding
-    from bossa_jax.data.pipeline import to_global
-    from bossa_jax.train import stage1
-    from bossa_jax.train.step import batch_shardings, replicated_key
-
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    with sharding.use_mesh(mesh, sharding.rules_of(cfg.mesh)):
-        program = stage1.build_stage1_program(cfg, mesh)
-        batch = to_global(local, mesh)
-        rng = replicated_key(0, mesh)
-        t0 = time.perf_counter()
-        lowered = program.train_step(batch_shardings(mesh, local)).lower(
-            program.state, program.frozen, batch, rng
-        )
-        step = lowered.compile()
-        compile_s = time.perf_counter() - t0
-    cost = step.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    step, program, batch, rng, compile_s, flops = compile_jax_step(cfg, local)
     box = {"state": program.state}
 
     def run(steps: int) -> float:
@@ -255,7 +245,7 @@ def jax_official_runner(cfg, local):
         box["state"], box["loss"] = state, float(metrics["loss"])
         return (time.perf_counter() - t0) / steps
 
-    info = {"compile_s": compile_s, "flops_per_step": float((cost or {}).get("flops", 0.0))}
+    info = {"compile_s": compile_s, "flops_per_step": flops}
     return run, info, box
 
 
