@@ -356,7 +356,9 @@ class Stage1Config:
     or manifest .jsonl) or synthetic (a small generated corpus under ``data_dir``). ``codes_dir``:
     the per-song codes store; ``feature_cache_dir``: per-split feature caches (built from the codes
     with ``musicgen_checkpoint`` when missing; in codes mode it also initialises the frozen
-    MusicGen). ``qformer_init``: a Q-Former checkpoint (``python -m convert.musicbert``) to start
+    MusicGen; codes mode without one (or an ``init_from`` holding MusicGen) is refused unless
+    ``random_musicgen`` asks for random MusicGen weights, for smoke runs). ``qformer_init``: a
+    Q-Former checkpoint (``python -m convert.musicbert``) to start
     from; ``init_from``: a stage-1 checkpoint (``convert.bossa`` / ``save_stage1``) to start from
     (not both). ``field_mean``: ITG per-field mean, "valid"
     (default) or "official" (SPEC 10.13). ``eval_batches``: validation batches per eval.
@@ -370,6 +372,7 @@ class Stage1Config:
     codes_dir: str = ""
     feature_cache_dir: str = ""
     musicgen_checkpoint: str = ""
+    random_musicgen: bool = False
     qformer_init: str = ""
     init_from: str = ""
     synthetic_songs: int = 8
