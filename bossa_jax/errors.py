@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 _interrupts = 0  # SIGINTs received while run_cli's handler was installed
+_next_unraisablehook = sys.__unraisablehook__  # the hook _quiet_unraisable passes the rest to
 
 
 class BossaError(Exception):
@@ -69,13 +70,15 @@ def _quiet_unraisable(unraisable: object) -> None:
     * "RuntimeError: Event loop is closed": when orbax's restore fails on a damaged checkpoint,
       tensorstore reads it had started finish afterwards and report to the asyncio loop orbax
       already closed (two tracebacks under the one-line error).
+
+    It stays installed after run_cli returns: those callbacks can come during interpreter exit.
     """
     exc = getattr(unraisable, "exc_value", None)
     if isinstance(exc, KeyboardInterrupt):
         return
     if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
         return
-    sys.__unraisablehook__(unraisable)
+    _next_unraisablehook(unraisable)
 
 
 def _exit_at_once(signum: int, frame: object) -> None:
@@ -118,12 +121,13 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
     traceback, after the ``with`` blocks it passed through removed their temporary outputs; an
     interrupt that Python swallowed (see :func:`interrupt_pending`) still ends in 130.
     """
-    global _interrupts
+    global _interrupts, _next_unraisablehook
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     _interrupts = 0
-    sys.unraisablehook = _quiet_unraisable
+    if sys.unraisablehook is not _quiet_unraisable:
+        _next_unraisablehook, sys.unraisablehook = sys.unraisablehook, _quiet_unraisable
     try:
         previous = signal.signal(signal.SIGINT, _on_sigint)
     except ValueError:  # not the main thread

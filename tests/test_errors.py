@@ -100,6 +100,7 @@ class _RaisesWhenCollected:
 
 def test_late_event_loop_callbacks_and_swallowed_ctrl_c_stay_quiet(monkeypatch, capsys):
     monkeypatch.setattr(sys, "unraisablehook", errors._quiet_unraisable)
+    monkeypatch.setattr(errors, "_next_unraisablehook", sys.__unraisablehook__)
     # each is collected at once: an exception Python cannot raise, handed to the hook
     _RaisesWhenCollected(RuntimeError("Event loop is closed"))
     _RaisesWhenCollected(KeyboardInterrupt())

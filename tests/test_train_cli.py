@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.train.run_files import damage_checkpoint, snapshot
+
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ("bar", "pos", "inst", "pitch", "dur", "vel", "ts", "tempo")
 LOSS_TERMS = ("loss", "itc", "itm", "itg", *(f"itg_{f}" for f in FIELDS))
@@ -111,10 +113,6 @@ def test_eval_retrieval_on_the_run(run):
     assert 1.0 <= report["summary"]["mean_rank"]["mean"] <= 4.0
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
 LOG_LINE = re.compile(r"^(DEBUG|INFO|WARNING) [\w.]+: ")
 
 
@@ -129,21 +127,13 @@ def _only_error_line(result: subprocess.CompletedProcess) -> str:
 
 def test_rerun_into_the_finished_run_is_refused(run):
     tmp, out, args, _ = run
-    before = _snapshot(out / "checkpoints"), (out / "metrics.jsonl").read_bytes()
+    before = snapshot(out / "checkpoints"), (out / "metrics.jsonl").read_bytes()
     config = (out / "config.yaml").read_bytes()
     again = _train(tmp, *args, f"train.out_dir={out}", *RUN, "train.optim.lr=0.001")
     line = _only_error_line(again)
     assert str(out) in line and "--resume" in line and "--overwrite" in line
-    assert (_snapshot(out / "checkpoints"), (out / "metrics.jsonl").read_bytes()) == before
+    assert (snapshot(out / "checkpoints"), (out / "metrics.jsonl").read_bytes()) == before
     assert (out / "config.yaml").read_bytes() == config
-
-
-def _damage(step_dir: Path) -> None:
-    """Deletes the array data files of a checkpoint (as a lost or partial copy would)."""
-    data = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
-    assert data
-    for path in data:
-        path.unlink()
 
 
 def test_damaged_checkpoints_are_one_line(run):
@@ -151,7 +141,7 @@ def test_damaged_checkpoints_are_one_line(run):
     damaged = tmp / "damaged"
     shutil.copytree(out / "checkpoints", damaged / "checkpoints")
     for step_dir in (damaged / "checkpoints").iterdir():
-        _damage(step_dir)
+        damage_checkpoint(step_dir)
     result = _train(
         tmp, "eval-retrieval", "--config", str(out / "config.yaml"), "--checkpoint", str(damaged),
         "--pairs", "4", "--rounds", "1", "--out", str(tmp / "damaged.json"),
@@ -160,7 +150,7 @@ def test_damaged_checkpoints_are_one_line(run):
     assert not (tmp / "damaged.json").exists()
     shutil.copytree(out / "synthetic-data", damaged / "synthetic-data")
     resumed = _train(tmp, *args, f"train.out_dir={damaged}", *RUN, "--resume")
-    assert "no intact checkpoint" in _only_error_line(resumed)
+    assert "no checkpoint in" in _only_error_line(resumed)
 
 
 def test_export_of_the_run(run):

@@ -196,18 +196,25 @@ def restore_newest_intact(
     ckpt: TrainCheckpointer, abstract_state: Any, rng: jax.Array, out_dir: Path
 ) -> tuple[int, Any, jax.Array, dict[str, Any] | None] | None:
     """(step, state, rng, data state) of the newest checkpoint that restores, or None when there
-    is no checkpoint. A damaged newer one is set aside with a warning; none intact is an error."""
+    is no checkpoint. Checkpoints newer than the one that restores are damaged: they are set aside
+    with a warning. When none restores nothing is moved (a config that no longer matches the run
+    fails every step alike) and the newest one's error is raised."""
     steps = sorted(ckpt.all_steps(), reverse=True)
+    failed: list[tuple[int, CheckpointError]] = []
     for step in steps:
         try:
-            return (step, *ckpt.restore(step, abstract_state, rng))
+            restored = ckpt.restore(step, abstract_state, rng)
         except CheckpointError as err:
-            moved = _set_aside(ckpt, step, out_dir)
-            log.warning("checkpoint step %d is damaged, moved to %s (%s)", step, moved, err)
-    if steps:
+            failed.append((step, err))
+            continue
+        for bad, err in failed:
+            moved = _set_aside(ckpt, bad, out_dir)
+            log.warning("checkpoint step %d is damaged, moved to %s (%s)", bad, moved, err)
+        return (step, *restored)
+    if failed:
         raise CheckpointError(
-            f"{ckpt.directory}: no intact checkpoint (the damaged ones were moved to "
-            f"{out_dir / DAMAGED_DIR}); pass --overwrite to start again"
+            f"no checkpoint in {ckpt.directory} restores (steps {steps}); the newest: "
+            f"{failed[0][1]}; check that the config is the run's, or start again with --overwrite"
         )
     return None
 

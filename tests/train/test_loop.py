@@ -22,6 +22,7 @@ from flax import nnx
 from bossa_jax.errors import BossaError, ConfigError
 from bossa_jax.train.checkpoint import TrainCheckpointer
 from bossa_jax.train.step import abstract_like, trainable_filter
+from tests.train.run_files import damage_checkpoint, snapshot
 from tests.train.toy import (
     FROZEN,
     flat_params,
@@ -166,8 +167,6 @@ def test_mesh_that_does_not_divide_the_batch_names_the_key(tmp_path):
 
 
 # --- re-runs: --resume / --overwrite (issue 7 item 2) -------------------------------------------
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def _copy_run(reference, tmp_path: Path) -> Path:
@@ -178,13 +177,13 @@ def _copy_run(reference, tmp_path: Path) -> Path:
 
 def test_rerun_into_a_finished_run_is_refused_and_changes_nothing(reference, tmp_path):
     out = _copy_run(reference, tmp_path)
-    before = _snapshot(out)
+    before = snapshot(out)
     with pytest.raises(BossaError) as err:
         run_toy(toy_config(str(out)))
     message = str(err.value)
     assert "\n" not in message and str(out) in message
     assert "--resume" in message and "--overwrite" in message
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 def test_overwrite_replaces_the_run_and_keeps_user_files(reference, tmp_path):
@@ -216,18 +215,10 @@ def test_resume_without_a_checkpoint_says_it_starts_at_zero(tmp_path, caplog):
     assert len(lines) == 1 and "\n" not in lines[0]
 
 
-def _damage(step_dir: Path) -> None:
-    """Deletes the array data files of a checkpoint (as a lost or partial copy would)."""
-    data = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
-    assert data
-    for path in data:
-        path.unlink()
-
-
 def test_resume_falls_back_past_a_damaged_checkpoint(reference, tmp_path, caplog):
     _, _, expected = reference
     out = _copy_run(reference, tmp_path)
-    _damage(out / "checkpoints" / "12")
+    damage_checkpoint(out / "checkpoints" / "12")
     with caplog.at_level(logging.WARNING, logger="bossa_jax.train"):
         result = run_toy(toy_config(str(out)), resume=True)
     damaged = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
@@ -246,8 +237,9 @@ def test_resume_falls_back_past_a_damaged_checkpoint(reference, tmp_path, caplog
 def test_resume_with_every_checkpoint_damaged_is_one_line(reference, tmp_path):
     out = _copy_run(reference, tmp_path)
     for step in (6, 9, 12):
-        _damage(out / "checkpoints" / str(step))
+        damage_checkpoint(out / "checkpoints" / str(step))
     with pytest.raises(BossaError) as err:
         run_toy(toy_config(str(out)), resume=True)
     message = str(err.value)
-    assert "\n" not in message and "no intact checkpoint" in message and "--overwrite" in message
+    assert "\n" not in message and "restores" in message and "--overwrite" in message
+    assert not (out / "damaged-checkpoints").exists()  # nothing known good to compare with: kept
