@@ -3,8 +3,8 @@
     train.py stage1 --config FILE [key=value ...] [--resume | --overwrite] [--synthetic N]
                     [--coordinator HOST:PORT --num-processes N --process-id I]
     train.py eval-retrieval --config FILE --checkpoint DIR [--pairs 128] [--rounds 10]
-                    [--seed 0] [--augment] [--out report.json] [key=value ...]
-    train.py export RUN_DIR OUT    (a stage-1 run -> the checkpoint stage1.init_from reads)
+                    [--seed 0] [--augment] [--out report.json] [--overwrite] [key=value ...]
+    train.py export RUN_DIR OUT [--overwrite]   (a stage-1 run -> what stage1.init_from reads)
     train.py stage2 ...            (not built yet: exits non-zero)
 
 ``stage1`` runs the stage-1 loop (bossa_jax.train.stage1 on bossa_jax.train.loop): metrics every
@@ -39,15 +39,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bossa_jax.cli import ArgumentParser as _Parser
+from bossa_jax.cli import add_output_options
 from bossa_jax.errors import BossaError, run_cli
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one-line BossaErrors (exit 2 through run_cli)."""
-
-    def error(self, message: str) -> None:
-        raise BossaError(f"{self.prog}: {message} (see --help)")
-
 
 COMMANDS = ("stage1", "eval-retrieval", "export", "stage2")
 
@@ -76,10 +70,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--augment", action="store_true", help="transpose the symbolic side")
         parser.add_argument("--out", default="retrieval_report.json")
+        add_output_options(parser)
     elif command == "export":
         parser.add_argument("run_dir", help="stage-1 training run folder (train.out_dir)")
-        parser.add_argument("out", help="new folder for the stage-1 checkpoint")
+        parser.add_argument("out", help="folder for the stage-1 checkpoint")
         parser.add_argument("--config", help="config to rebuild the model (default: the run's)")
+        add_output_options(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
@@ -117,8 +113,11 @@ def stage1_main(args: argparse.Namespace) -> int:
 
 def eval_main(args: argparse.Namespace) -> int:
     from bossa_jax.config import load_config
+    from bossa_jax.outputs import check_output
     from bossa_jax.train import evaluate, stage1
 
+    kind = "retrieval report"
+    check_output(args.out, kind, folder=False, overwrite=args.overwrite, sources=[args.config])
     config = load_config(args.config, _overrides(args))
     options = evaluate.RetrievalOptions(args.pairs, args.rounds, args.seed, args.augment)
     data = stage1.load_split(config, "test")
@@ -140,7 +139,8 @@ def export_main(args: argparse.Namespace) -> int:
     config_file = args.config or str(Path(args.run_dir) / "config.yaml")
     if not Path(config_file).is_file():
         raise BossaError(f"{args.run_dir}: no config.yaml in it; give the run's --config")
-    out = stage1.export(load_config(config_file, list(args.overrides)), args.run_dir, args.out)
+    config = load_config(config_file, list(args.overrides))
+    out = stage1.export(config, args.run_dir, args.out, overwrite=args.overwrite)
     print(json.dumps({"out": str(out)}), flush=True)
     return 0
 

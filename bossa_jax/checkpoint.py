@@ -28,10 +28,19 @@ PARAMS_DIR = "params"
 CONFIG_FILE = "config.yaml"
 
 
-def save_module(path: str | os.PathLike, module: nnx.Module, config: dict[str, Any]) -> Path:
-    """Writes ``module``'s parameters and ``config`` (plain data) to directory ``path``."""
+def save_module(
+    path: str | os.PathLike,
+    module: nnx.Module,
+    config: dict[str, Any],
+    *,
+    kind: str = "checkpoint",
+    overwrite: bool = False,
+) -> Path:
+    """Writes ``module``'s parameters and ``config`` (plain data) to directory ``path``, a ``kind``
+    output that replaces only an empty folder or, with ``overwrite``, a previous ``kind``
+    (bossa_jax.outputs)."""
     state = nnx.to_pure_dict(nnx.state(module, nnx.Param))
-    with atomic_output(path) as tmp:
+    with atomic_output(path, kind=kind, overwrite=overwrite) as tmp:
         tmp.mkdir()
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         with ocp.StandardCheckpointer() as ckptr:
@@ -56,7 +65,7 @@ def read_section(path: str | os.PathLike, section: str, cls: type[C]) -> C:
         cfg = build(cls, stored, section)
         cfg.validate(section)
     except ConfigError as err:
-        raise CheckpointError(f"{path}: {err}") from None
+        raise CheckpointError(f"{path}: {err}") from err
     return cfg
 
 
@@ -85,7 +94,7 @@ def load_module(path: str | os.PathLike, ctor: Callable[[], M]) -> M:
         except Exception as err:
             raise CheckpointError(
                 f"{path}: cannot restore parameters ({one_line(str(err))[:300]})"
-            ) from None
+            ) from err
     nnx.replace_by_pure_dict(params, restored)
     module = nnx.merge(graphdef, params, rest)
     zero_abstract_state(module)

@@ -2,28 +2,34 @@
 
 A YAML file may name a base with ``include: other.yaml`` (relative to the file; a list is merged in
 order); its own keys override the base's, recursively. Command-line overrides use dotted keys
-(``musicgen.keep_layers=4``) and YAML values. Every unknown key, wrong type or impossible value
-raises a :class:`~bossa_jax.errors.ConfigError` that names the dotted key.
+(``musicgen.keep_layers=4``) and YAML values (a string field takes its text as it is). Every
+unknown key, wrong type or impossible value raises a :class:`~bossa_jax.errors.ConfigError` that
+names the dotted key, when the config is loaded; every bad file names the file.
 
-Later issues add their sections (Q-Former, MuseCoco, training, data, sampling) as new dataclasses
-and fields of :class:`Config`.
+Sections are frozen dataclasses deriving :class:`Section`. Each numeric or choice field is declared
+with :func:`option` and its :class:`Check` (``POSITIVE``, ``NON_NEGATIVE``, ``PROBABILITY``, ...),
+which the one :meth:`Section.validate` applies; ``official=`` marks the value that reproduces the
+official code (``configs/official.yaml`` sets them all). New sections are new fields of
+:class:`Config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
-from bossa_jax.errors import ConfigError
+from bossa_jax.errors import ConfigError, one_line
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DTYPES = ("float32", "bfloat16", "float16")
+T = TypeVar("T")
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -31,55 +37,121 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
-@dataclasses.dataclass(frozen=True)
-class EncodecConfig:
-    """EnCodec-32kHz encoder (SPEC 1.1; HF ``EncodecConfig`` field names where they exist)."""
+# ---------------------------------------------------------------------------------------------
+# Field rules: every field of a config section that is a size, count, rate, probability,
+# duration or a choice declares its rule with :func:`option`; :meth:`Section.validate` applies
+# them all (tests/test_config.py checks that no numeric field is left without one).
 
-    sampling_rate: int = 32000
-    audio_channels: int = 1
-    num_filters: int = 64
-    upsampling_ratios: tuple[int, ...] = (8, 5, 4, 4)
-    hidden_size: int = 128
-    num_lstm_layers: int = 2
-    kernel_size: int = 7
-    last_kernel_size: int = 7
-    residual_kernel_size: int = 3
-    num_residual_layers: int = 1
-    dilation_growth_rate: int = 2
-    compress: int = 2
-    use_causal_conv: bool = False
-    pad_mode: str = "reflect"
-    # residual-block skip: False = identity (EnCodec-32kHz, audiocraft true_skip), True = 1x1 conv
-    use_conv_shortcut: bool = False
-    codebook_size: int = 2048
-    codebook_dim: int = 128
-    num_codebooks: int = 4
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A rule for one field value: ``holds(value)``, else the error says ``says``. Applied to each
+    item of a tuple and each value of a mapping; ``None`` (an optional field left unset) passes."""
+
+    holds: Callable[[Any], bool]
+    says: str
+
+    def apply(self, value: Any, key: str) -> None:
+        if value is None:
+            return
+        if isinstance(value, tuple):
+            for i, item in enumerate(value):
+                self.apply(item, f"{key}[{i}]")
+        elif isinstance(value, Mapping):
+            for name, item in value.items():
+                self.apply(item, _join(key, str(name)))
+        else:
+            _require(self.holds(value), key, f"{self.says}, got {value!r}")
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+POSITIVE = Check(lambda v: _finite(v) and v > 0, "must be > 0")
+NON_NEGATIVE = Check(lambda v: _finite(v) and v >= 0, "must be >= 0")
+PROBABILITY = Check(lambda v: 0 <= v < 1, "must be in [0, 1)")  # NaN fails every comparison
+FRACTION = Check(lambda v: 0 < v <= 1, "must be in (0, 1]")
+MESH_SIZE = Check(lambda v: v == -1 or v >= 1, "must be >= 1, or -1 for all remaining devices")
+
+
+def one_of(*choices: Any) -> Check:
+    return Check(lambda v: v in choices, f"must be one of {', '.join(map(repr, choices))}")
+
+
+_NO_OFFICIAL = object()
+
+
+def option(default: T, check: Check | None = None, *, official: Any = _NO_OFFICIAL) -> T:
+    """A config field with its rule. ``official``: the value that reproduces the official code
+    where our default fixes or changes its behaviour (SPEC 10); ``configs/official.yaml`` sets
+    every such field to it (see :func:`official_options`)."""
+    metadata: dict[str, Any] = {"check": check}
+    if official is not _NO_OFFICIAL:
+        metadata["official"] = official
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+class Section:
+    """Base of the config dataclasses: :meth:`validate` applies every field's :class:`Check`,
+    validates nested sections, then the section's own cross-field rules
+    (:meth:`check_relations`). Every error is one line naming the dotted key."""
 
     def validate(self, prefix: str) -> None:
-        _require(
-            self.pad_mode in ("reflect", "constant"),
-            f"{prefix}.pad_mode",
-            f"must be 'reflect' or 'constant', got {self.pad_mode!r}",
-        )
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            value, key = getattr(self, field.name), _join(prefix, field.name)
+            if isinstance(value, Section):
+                value.validate(key)
+            elif field.metadata.get("check") is not None:
+                field.metadata["check"].apply(value, key)
+        self.check_relations(prefix)
+
+    def check_relations(self, prefix: str) -> None:
+        """Rules between fields (run after every field's own rule holds)."""
+
+
+def _divides_hidden(section: Any, prefix: str) -> None:
+    _require(
+        section.hidden_size % section.num_attention_heads == 0,
+        _join(prefix, "num_attention_heads"),
+        f"must divide hidden_size ({section.hidden_size}), got {section.num_attention_heads}",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodecConfig(Section):
+    """EnCodec-32kHz encoder (SPEC 1.1; HF ``EncodecConfig`` field names where they exist)."""
+
+    sampling_rate: int = option(32000, POSITIVE)
+    audio_channels: int = option(1, POSITIVE)
+    num_filters: int = option(64, POSITIVE)
+    upsampling_ratios: tuple[int, ...] = option((8, 5, 4, 4), POSITIVE)
+    hidden_size: int = option(128, POSITIVE)
+    num_lstm_layers: int = option(2, POSITIVE)
+    kernel_size: int = option(7, POSITIVE)
+    last_kernel_size: int = option(7, POSITIVE)
+    residual_kernel_size: int = option(3, POSITIVE)
+    num_residual_layers: int = option(1, POSITIVE)
+    dilation_growth_rate: int = option(2, POSITIVE)
+    compress: int = option(2, POSITIVE)
+    use_causal_conv: bool = False
+    pad_mode: str = option("reflect", one_of("reflect", "constant"))
+    # residual-block skip: False = identity (EnCodec-32kHz, audiocraft true_skip), True = 1x1 conv
+    use_conv_shortcut: bool = False
+    codebook_size: int = option(2048, POSITIVE)
+    codebook_dim: int = option(128, POSITIVE)
+    num_codebooks: int = option(4, POSITIVE)
+
+    def check_relations(self, prefix: str) -> None:
         _require(
             self.codebook_dim == self.hidden_size,
             f"{prefix}.codebook_dim",
             f"must equal hidden_size ({self.hidden_size}) for EnCodec-32kHz",
         )
-        for name in (
-            "num_filters",
-            "hidden_size",
-            "num_lstm_layers",
-            "codebook_size",
-            "num_codebooks",
-            "kernel_size",
-            "compress",
-        ):
-            _require(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
         _require(
-            all(r > 0 for r in self.upsampling_ratios),
-            f"{prefix}.upsampling_ratios",
-            "every ratio must be positive",
+            len(self.upsampling_ratios) > 0, f"{prefix}.upsampling_ratios", "must not be empty"
         )
 
     @property
@@ -96,28 +168,24 @@ class EncodecConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class MusicgenConfig:
+class MusicgenConfig(Section):
     """The frozen MusicGen decoder, truncated to its first ``keep_layers`` blocks (SPEC 1.2-1.3)."""
 
-    hidden_size: int = 2048
-    num_attention_heads: int = 32
-    ffn_dim: int = 8192
-    num_codebooks: int = 4
-    vocab_size: int = 2048  # the special/pad id is vocab_size (2048)
-    num_hidden_layers: int = 48  # of the source checkpoint
-    keep_layers: int = 25  # 48 // 2 + 1 (SPEC 1.3)
-    max_position_embeddings: int = 2048
-    layer_norm_eps: float = 1e-5
-    dtype: str = "float32"  # compute and parameter dtype of the frozen stack
+    hidden_size: int = option(2048, POSITIVE)
+    num_attention_heads: int = option(32, POSITIVE)
+    ffn_dim: int = option(8192, POSITIVE)
+    num_codebooks: int = option(4, POSITIVE)
+    vocab_size: int = option(2048, POSITIVE)  # the special/pad id is vocab_size (2048)
+    num_hidden_layers: int = option(48, POSITIVE)  # of the source checkpoint
+    keep_layers: int = option(25, POSITIVE)  # 48 // 2 + 1 (SPEC 1.3)
+    max_position_embeddings: int = option(2048, POSITIVE)
+    layer_norm_eps: float = option(1e-5, POSITIVE)
+    dtype: str = option("float32", one_of(*DTYPES))  # compute and parameter dtype of the stack
 
-    def validate(self, prefix: str) -> None:
+    def check_relations(self, prefix: str) -> None:
+        _divides_hidden(self, prefix)
         _require(
-            self.hidden_size % self.num_attention_heads == 0,
-            f"{prefix}.num_attention_heads",
-            f"must divide hidden_size ({self.hidden_size}), got {self.num_attention_heads}",
-        )
-        _require(
-            1 <= self.keep_layers <= self.num_hidden_layers,
+            self.keep_layers <= self.num_hidden_layers,
             f"{prefix}.keep_layers",
             f"must be in 1..num_hidden_layers ({self.num_hidden_layers}), got {self.keep_layers}",
         )
@@ -126,7 +194,6 @@ class MusicgenConfig:
             f"{prefix}.num_codebooks",
             "BOSSA's delay pattern needs exactly 4 codebooks (SPEC 9.2)",
         )
-        _require(self.dtype in DTYPES, f"{prefix}.dtype", f"must be one of {DTYPES}")
 
     @property
     def special_id(self) -> int:
@@ -138,54 +205,35 @@ class MusicgenConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class QFormerConfig:
+class QFormerConfig(Section):
     """The BOSSA Q-Former: a MusicBERT-initialised BERT with queries (SPEC 2.1-2.2)."""
 
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    vocab_size: int = 1237  # MusicBERT octuple dictionary; the input table has one more row ([DEC])
-    max_position_embeddings: int = 8194
-    pad_token_id: int = 1
-    encoder_width: int = 2048  # = MusicGen d_model
-    cross_attention_freq: int = 2  # cross-attention in layers i % freq == 0
-    num_query_tokens: int = 32
-    layer_norm_eps: float = 1e-12  # bert-base (MusicBERT itself was trained with 1e-5)
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
+    hidden_size: int = option(768, POSITIVE)
+    num_hidden_layers: int = option(12, POSITIVE)
+    num_attention_heads: int = option(12, POSITIVE)
+    intermediate_size: int = option(3072, POSITIVE)
+    hidden_act: str = option("gelu", one_of("gelu", "gelu_tanh", "relu", "silu"))
+    # MusicBERT octuple dictionary; the input table has one more row ([DEC])
+    vocab_size: int = option(1237, POSITIVE)
+    max_position_embeddings: int = option(8194, POSITIVE)
+    pad_token_id: int = option(1, NON_NEGATIVE)
+    encoder_width: int = option(2048, POSITIVE)  # = MusicGen d_model
+    cross_attention_freq: int = option(2, POSITIVE)  # cross-attention in layers i % freq == 0
+    num_query_tokens: int = option(32, POSITIVE)
+    # bert-base (MusicBERT itself was trained with 1e-5)
+    layer_norm_eps: float = option(1e-12, POSITIVE)
+    hidden_dropout: float = option(0.1, PROBABILITY)
+    attention_dropout: float = option(0.1, PROBABILITY)
     # recompute each layer's activations in the backward pass instead of storing them: trades
     # ~1/3 more Q-Former compute for memory (paper size on TPU v5e-16 needs it)
     remat: bool = False
 
-    def validate(self, prefix: str) -> None:
+    def check_relations(self, prefix: str) -> None:
+        _divides_hidden(self, prefix)
         _require(
-            self.hidden_size % self.num_attention_heads == 0,
-            f"{prefix}.num_attention_heads",
-            f"must divide hidden_size ({self.hidden_size}), got {self.num_attention_heads}",
-        )
-        for name in (
-            "num_hidden_layers",
-            "intermediate_size",
-            "vocab_size",
-            "max_position_embeddings",
-            "encoder_width",
-            "cross_attention_freq",
-            "num_query_tokens",
-        ):
-            _require(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
-        _require(
-            0 <= self.pad_token_id < self.vocab_size,
+            self.pad_token_id < self.vocab_size,
             f"{prefix}.pad_token_id",
             f"must be in 0..vocab_size-1 ({self.vocab_size - 1}), got {self.pad_token_id}",
-        )
-        for name in ("hidden_dropout", "attention_dropout"):
-            _require(0.0 <= getattr(self, name) < 1.0, f"{prefix}.{name}", "must be in [0, 1)")
-        _require(
-            self.hidden_act in ("gelu", "gelu_tanh", "relu", "silu"),
-            f"{prefix}.hidden_act",
-            f"unknown activation {self.hidden_act!r}",
         )
 
     @property
@@ -199,14 +247,11 @@ class QFormerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class AudioConfig:
+class AudioConfig(Section):
     """Clip geometry shared by audio I/O, feature extraction and segmentation (SPEC 1.1)."""
 
-    clip_frames: int = 508  # 10.16 s at 50 Hz
-    min_seconds: float = 0.5
-
-    def validate(self, prefix: str) -> None:
-        _require(self.clip_frames > 0, f"{prefix}.clip_frames", "must be positive")
+    clip_frames: int = option(508, POSITIVE)  # 10.16 s at 50 Hz
+    min_seconds: float = option(0.5, NON_NEGATIVE)
 
     @property
     def pattern_steps(self) -> int:
@@ -215,13 +260,11 @@ class AudioConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshConfig:
+class MeshConfig(Section):
     """Device mesh and the one logical-axis rules table (DESIGN "Sharding is declared next to the
     parameters"). ``shape`` maps each mesh axis to its size; one size may be -1 (all the rest)."""
 
-    shape: Mapping[str, int] = dataclasses.field(
-        default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1}
-    )
+    shape: Mapping[str, int] = option({"data": -1, "fsdp": 1, "tensor": 1}, MESH_SIZE)
     rules: tuple[tuple[str, Any], ...] = (
         ("batch", ("data", "fsdp")),
         ("embed", "fsdp"),
@@ -240,7 +283,7 @@ class MeshConfig:
         ("feature", None),
     )
 
-    def validate(self, prefix: str) -> None:
+    def check_relations(self, prefix: str) -> None:
         axes = tuple(self.shape)
         _require(
             axes == ("data", "fsdp", "tensor"),
@@ -249,11 +292,6 @@ class MeshConfig:
         )
         sizes = list(self.shape.values())
         _require(sum(s == -1 for s in sizes) <= 1, f"{prefix}.shape", "at most one size may be -1")
-        _require(
-            all(s == -1 or s >= 1 for s in sizes),
-            f"{prefix}.shape",
-            f"sizes must be >= 1 or -1, got {sizes}",
-        )
         for logical, mesh_axes in self.rules:
             targets = mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,)
             for t in targets:
@@ -265,50 +303,30 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(Section):
     """AdamW with linear warm-up then cosine decay (SPEC 7; built by ``bossa_jax.train.optim``).
 
     ``decay_mask``: "all" = weight decay on every trainable parameter, LayerNorms, biases, query
     tokens and temperature included (official, SPEC 10.15); "exclude_norms_biases" exempts those.
+    ``grad_clip_norm``: null = no clipping (official stage 1, SPEC 10.14; stage 2 clips at 1.0).
     """
 
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.05
-    warmup_steps: int = 1000
-    warmup_start_factor: float = 0.01
-    min_lr: float = 1e-5  # CosineAnnealingLR eta_min
-    decay_mask: str = "all"
-    grad_clip_norm: float | None = None  # stage 1: none (SPEC 10.14); stage 2: 1.0
+    lr: float = option(1e-4, POSITIVE)
+    betas: tuple[float, float] = option((0.9, 0.999), PROBABILITY)
+    eps: float = option(1e-8, POSITIVE)
+    weight_decay: float = option(0.05, NON_NEGATIVE)
+    warmup_steps: int = option(1000, NON_NEGATIVE)
+    warmup_start_factor: float = option(0.01, FRACTION)
+    min_lr: float = option(1e-5, NON_NEGATIVE)  # CosineAnnealingLR eta_min
+    decay_mask: str = option("all", one_of("all", "exclude_norms_biases"), official="all")
+    grad_clip_norm: float | None = option(None, POSITIVE, official=None)
 
-    def validate(self, prefix: str) -> None:
-        _require(self.lr > 0, f"{prefix}.lr", "must be positive")
-        for i, b in enumerate(self.betas):
-            _require(0.0 <= b < 1.0, f"{prefix}.betas", f"entry {i} must be in [0, 1), got {b}")
-        _require(self.eps > 0, f"{prefix}.eps", "must be positive")
-        _require(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
-        _require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
-        _require(
-            0.0 < self.warmup_start_factor <= 1.0,
-            f"{prefix}.warmup_start_factor",
-            f"must be in (0, 1], got {self.warmup_start_factor}",
-        )
-        _require(0.0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", f"must be in [0, lr={self.lr}]")
-        _require(
-            self.decay_mask in ("all", "exclude_norms_biases"),
-            f"{prefix}.decay_mask",
-            f"must be 'all' or 'exclude_norms_biases', got {self.decay_mask!r}",
-        )
-        _require(
-            self.grad_clip_norm is None or self.grad_clip_norm > 0,
-            f"{prefix}.grad_clip_norm",
-            "must be null or positive",
-        )
+    def check_relations(self, prefix: str) -> None:
+        _require(self.min_lr <= self.lr, f"{prefix}.min_lr", f"must be in [0, lr={self.lr}]")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """The training loop (SPEC 7, DESIGN "Checkpoints"; run by ``bossa_jax.train.loop``).
 
     Steps count optimizer updates. ``eval_every``/``checkpoint_every`` 0 = never (a final
@@ -317,37 +335,27 @@ class TrainConfig:
     """
 
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    total_steps: int = 10000
-    global_batch_size: int = 128
-    log_every: int = 50
-    eval_every: int = 0
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    seed: int = 0
-    compute_dtype: str = "bfloat16"
+    total_steps: int = option(10000, POSITIVE)
+    global_batch_size: int = option(128, POSITIVE)
+    log_every: int = option(50, POSITIVE)
+    eval_every: int = option(0, NON_NEGATIVE)
+    checkpoint_every: int = option(1000, NON_NEGATIVE)
+    keep_checkpoints: int = option(3, POSITIVE)
+    seed: int = option(0, Check(lambda v: 0 <= v < 2**32, "must be in 0..2**32-1"))
+    compute_dtype: str = option("bfloat16", one_of("bfloat16", "float32"))
     out_dir: str = "runs/default"
 
-    def validate(self, prefix: str) -> None:
-        self.optim.validate(f"{prefix}.optim")
-        for name in ("total_steps", "global_batch_size", "log_every", "keep_checkpoints"):
-            _require(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
-        for name in ("eval_every", "checkpoint_every"):
-            _require(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0 (0 = never)")
+    def check_relations(self, prefix: str) -> None:
         _require(
             self.total_steps > self.optim.warmup_steps,
             f"{prefix}.total_steps",
             f"must exceed optim.warmup_steps ({self.optim.warmup_steps})",
         )
-        _require(
-            self.compute_dtype in ("bfloat16", "float32"),
-            f"{prefix}.compute_dtype",
-            f"must be 'bfloat16' or 'float32', got {self.compute_dtype!r}",
-        )
         _require(bool(self.out_dir), f"{prefix}.out_dir", "must not be empty")
 
 
 @dataclasses.dataclass(frozen=True)
-class Stage1Config:
+class Stage1Config(Section):
     """Stage-1 data and objective (SPEC 3, 6, 7; run by ``bossa_jax.train.stage1``).
 
     ``audio_input``: "codes" = EnCodec codes in the batch, the frozen MusicGen runs inside the
@@ -360,60 +368,96 @@ class Stage1Config:
     ``random_musicgen`` asks for random MusicGen weights, for smoke runs). ``qformer_init``: a
     Q-Former checkpoint (``python -m convert.musicbert``) to start
     from; ``init_from``: a stage-1 checkpoint (``convert.bossa`` / ``save_stage1``) to start from
-    (not both). ``field_mean``: ITG per-field mean, "valid"
-    (default) or "official" (SPEC 10.13). ``eval_batches``: validation batches per eval.
+    (not both). ``eval_batches``: validation batches per eval. ``feature_dtype``: how a new feature
+    cache stores the features (bfloat16, float16 or float32; batches carry that dtype).
+
+    Official behaviour (``configs/official.yaml`` sets all of it): ``field_mean`` the ITG per-field
+    mean, "valid" (default: over the valid targets) or "official" (over every slot, SPEC 10.13);
+    ``keep_eos`` True keeps the EOS octuple when a window's notes overflow the sequence, False is
+    the official plain cut (SPEC 11.11); ``clamp_clips`` True clamps training clips into the song,
+    False is the official slice whose negative start gives an empty clip (SPEC 10.12);
+    ``transpose`` applies to validation too, as in the official code (SPEC 10.6).
     """
 
-    audio_input: str = "codes"
-    dataset: str = "pop909"
+    audio_input: str = option("codes", one_of("codes", "features"))
+    dataset: str = option("pop909", one_of("pop909", "piast", "manifest", "synthetic"))
     data_dir: str = ""
     audio_dir: str = ""
     split_file: str = ""
     codes_dir: str = ""
     feature_cache_dir: str = ""
+    feature_dtype: str = option("bfloat16", one_of("bfloat16", "float16", "float32"))
     musicgen_checkpoint: str = ""
     random_musicgen: bool = False
     qformer_init: str = ""
     init_from: str = ""
-    synthetic_songs: int = 8
-    synthetic_bars: int = 16
-    transpose: bool = True
-    deperf: bool = True
-    field_mean: str = "valid"
-    dropout: bool = True
-    eval_batches: int = 2
-    num_threads: int = 2
-    prefetch: int = 4
+    synthetic_songs: int = option(8, POSITIVE)
+    synthetic_bars: int = option(16, POSITIVE)
+    transpose: bool = option(True, official=True)
+    deperf: bool = option(True, official=True)
+    field_mean: str = option("valid", one_of("valid", "official"), official="official")
+    keep_eos: bool = option(True, official=False)
+    clamp_clips: bool = option(True, official=False)
+    dropout: bool = option(True, official=True)
+    eval_batches: int = option(2, NON_NEGATIVE)
+    num_threads: int = option(2, POSITIVE)
+    prefetch: int = option(4, NON_NEGATIVE)
 
-    def validate(self, prefix: str) -> None:
-        _require(
-            self.audio_input in ("codes", "features"),
-            f"{prefix}.audio_input",
-            f"must be 'codes' or 'features', got {self.audio_input!r}",
-        )
-        _require(
-            self.dataset in ("pop909", "piast", "manifest", "synthetic"),
-            f"{prefix}.dataset",
-            f"must be pop909, piast, manifest or synthetic, got {self.dataset!r}",
-        )
-        _require(
-            self.field_mean in ("valid", "official"),
-            f"{prefix}.field_mean",
-            f"must be 'valid' or 'official', got {self.field_mean!r}",
-        )
+    def check_relations(self, prefix: str) -> None:
         _require(
             not (self.qformer_init and self.init_from),
             f"{prefix}.qformer_init",
             "give qformer_init or init_from, not both",
         )
-        for name in ("synthetic_songs", "synthetic_bars", "num_threads"):
-            _require(getattr(self, name) > 0, f"{prefix}.{name}", "must be positive")
-        for name in ("eval_batches", "prefetch"):
-            _require(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class MuseCocoConfig(Section):
+    """MuseCoco-xLarge, the frozen symbolic LM of stage 2, with LoRA on q/k/v (SPEC 4.4, 4.5).
+
+    HF-port names: vocab_size = ``vocab_size``, hidden_size = ``n_embd``, num_attention_heads =
+    ``n_head``, num_hidden_layers = ``n_layer``, ffn_dim = ``ffn_dim``, max_positions =
+    ``n_positions``. Heads are ``hidden_size // num_attention_heads`` wide; the remainder of a
+    width the heads do not divide is dropped (2048 / 24 -> 85, q/k/v 2040 wide). ``dtype`` is the
+    parameter and compute dtype of the base model (LayerNorm statistics and the linear-attention
+    sums stay fp32); the LoRA matrices are fp32 (trained). ``chunk_size``: the chunk of the
+    parallel linear-attention form (memory O(L d + chunk^2) per head).
+    """
+
+    vocab_size: int = option(1253, POSITIVE)
+    hidden_size: int = option(2048, POSITIVE)
+    num_attention_heads: int = option(24, POSITIVE)
+    num_hidden_layers: int = option(24, POSITIVE)
+    ffn_dim: int = option(8192, POSITIVE)
+    max_positions: int = option(8192, POSITIVE)
+    padding_idx: int = option(1, NON_NEGATIVE)
+    dropout: float = option(0.1, PROBABILITY)
+    layer_norm_eps: float = option(1e-5, POSITIVE)
+    lora: bool = True
+    lora_rank: int = option(16, POSITIVE)
+    lora_scale: float = option(1.0, NON_NEGATIVE)
+    dtype: str = option("bfloat16", one_of(*DTYPES))
+    chunk_size: int = option(128, POSITIVE)
+
+    def check_relations(self, prefix: str) -> None:
+        _require(
+            self.hidden_size >= self.num_attention_heads,
+            f"{prefix}.hidden_size",
+            f"must be >= num_attention_heads ({self.num_attention_heads}), got {self.hidden_size}",
+        )
+        _require(
+            self.padding_idx < self.vocab_size,
+            f"{prefix}.padding_idx",
+            f"must be in 0..vocab_size-1 ({self.vocab_size - 1}), got {self.padding_idx}",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(Section):
     """The whole resolved configuration of a run."""
 
     name: str = "default"
@@ -424,12 +468,12 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     stage1: Stage1Config = dataclasses.field(default_factory=Stage1Config)
+    musecoco: MuseCocoConfig = dataclasses.field(default_factory=MuseCocoConfig)
 
     def validate(self, prefix: str = "") -> None:
-        for field in dataclasses.fields(self):
-            section = getattr(self, field.name)
-            if dataclasses.is_dataclass(section):
-                section.validate(_join(prefix, field.name))
+        super().validate(prefix)
+
+    def check_relations(self, prefix: str) -> None:
         # the Q-Former's cross-attention reads MusicGen features directly (SPEC 1.3)
         _require(
             self.qformer.encoder_width == self.musicgen.hidden_size,
@@ -443,6 +487,20 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def official_options(cls: type = Config, prefix: str = "") -> dict[str, Any]:
+    """Every field with an official value, by dotted key: the options that select the official
+    code's behaviour where ours differs or where it is a choice (SPEC 10, 11)."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        key = _join(prefix, field.name)
+        if dataclasses.is_dataclass(hints[field.name]):
+            out.update(official_options(hints[field.name], key))
+        elif "official" in field.metadata:
+            out[key] = field.metadata["official"]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,6 +567,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
         return value
     if tp is float:
+        # YAML 1.1 reads 5e-4 (no dot) as a string: take what Python's float() takes
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)
@@ -547,45 +611,112 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Reads a config file with its includes resolved (includes first, the file's keys last)."""
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """``line L, column C: problem`` of a YAML error (PyYAML's own text spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or one_line(str(err))
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
+def _includes(data: dict[str, Any], path: Path) -> list[str]:
+    """The ``include`` key's file names (one name or a list), removed from ``data``."""
+    if "include" not in data:
+        return []
+    includes = data.pop("include")
+    includes = [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not includes:
+        raise ConfigError(
+            f"config file {path}: 'include' must be a file name or a list of file names, "
+            f"got {includes!r}"
+        )
+    for name in includes:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"config file {path}: 'include' entry {name!r} is not a file name")
+    return includes
+
+
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Reads a config file with its includes resolved (includes first, the file's keys last).
+
+    A missing or unreadable file, a directory, a file that is not UTF-8 YAML holding a mapping, a
+    bad ``include`` and an include cycle are each a one-line ConfigError naming the file."""
     path = Path(path)
     if not path.exists() and not path.suffix:
         candidate = CONFIG_DIR / f"{path}.yaml"
         path = candidate if candidate.exists() else path
+    where = f" (included by {_chain[-1]})" if _chain else ""
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}{where}")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file {path}{where} is a directory, not a YAML file")
     path = path.resolve()
-    if path in _seen:
-        raise ConfigError(f"config file {path} includes itself")
+    if path in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain[_chain.index(path) :], path))
+        raise ConfigError(f"config file {path}: include cycle {cycle}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML"
+        ) from err
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror})") from err
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {path} is not valid YAML ({_yaml_problem(err)})") from err
+    data = {} if data is None else data
     if not isinstance(data, Mapping):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    includes = data.pop("include", [])
-    includes = [includes] if isinstance(includes, str) else list(includes)
+    data = dict(data)
     merged: dict[str, Any] = {}
-    for inc in includes:
-        merged = _merge(merged, read_yaml(path.parent / inc, _seen + (path,)))
+    for name in _includes(data, path):
+        merged = _merge(merged, read_yaml(path.parent / name, _chain + (path,)))
     return _merge(merged, data)
 
 
+def _key_type(parts: Sequence[str]) -> Any:
+    """The annotation of the dotted key ``parts`` in :class:`Config` (None if unknown)."""
+    tp: Any = Config
+    for part in parts:
+        if dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp).get(part)
+        elif typing.get_origin(tp) in (Mapping, dict):
+            tp = typing.get_args(tp)[1]
+        else:
+            return None
+    return tp
+
+
+def _override_value(key: str, raw: str) -> Any:
+    """An override's value: YAML, except that a string field takes the text as it is when it is
+    not a YAML string (``name=123``, ``stage1.data_dir=[a``); YAML that does not parse is an error
+    for every other field."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        if _key_type(key.split(".")) is str:
+            return raw
+        raise ConfigError(
+            f"config key '{key}': override value {raw!r} is not valid YAML ({_yaml_problem(err)})"
+        ) from err
+    if _key_type(key.split(".")) is str and not isinstance(value, str):
+        return raw
+    return value
+
+
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """Turns ``["a.b=1", "c=[1, 2]"]`` into a nested mapping (values parsed as YAML)."""
+    """Turns ``["a.b=1", "c=[1, 2]"]`` into a nested mapping (values parsed by
+    :func:`_override_value`)."""
     nested: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
         key = key.strip()
-        if not key:
+        if not key or "" in key.split("."):
             raise ConfigError(f"override {item!r} has an empty key")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+        value = _override_value(key, raw)
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:

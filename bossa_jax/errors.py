@@ -44,6 +44,11 @@ class DataError(BossaError):
     """A dataset layout, manifest or split that cannot be read."""
 
 
+class OutputError(BossaError):
+    """An output path that cannot be written, or whose writing would replace what the program did
+    not write (bossa_jax.outputs)."""
+
+
 def one_line(message: str) -> str:
     """Folds a message onto one line (library errors sometimes carry newlines)."""
     return " ".join(str(message).split())
@@ -119,7 +124,8 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
     ``--debug`` anywhere in argv is removed before ``main`` sees it and makes errors re-raise with
     their traceback. Ctrl-C (KeyboardInterrupt) prints ``interrupted`` and exits 130 without a
     traceback, after the ``with`` blocks it passed through removed their temporary outputs; an
-    interrupt that Python swallowed (see :func:`interrupt_pending`) still ends in 130.
+    interrupt that Python swallowed (see :func:`interrupt_pending`) still ends in 130. A closed
+    stdout pipe exits 141 quietly.
     """
     global _interrupts, _next_unraisablehook
     args = list(sys.argv[1:] if argv is None else argv)
@@ -143,10 +149,24 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
         print("interrupted", file=sys.stderr)
         _flush_and_exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        _exit_on_closed_stdout()
     finally:
         if previous is not None and signal.getsignal(signal.SIGINT) is _on_sigint:
             signal.signal(signal.SIGINT, previous)
     if interrupt_pending() and not code:
         print("interrupted", file=sys.stderr)
         _flush_and_exit(EXIT_INTERRUPTED)
+    try:  # output still buffered can meet a closed pipe too
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _exit_on_closed_stdout()
     sys.exit(code or 0)
+
+
+def _exit_on_closed_stdout() -> None:
+    """The reader of stdout went away (``... | head``): stop quietly with SIGPIPE's status, as Unix
+    tools do. stdout points at /dev/null so the interpreter's final flush cannot complain."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(128 + 13)

@@ -9,6 +9,7 @@ Parameters carry logical axis names (``embed``, ``mlp``, ``heads`` ...) given by
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +26,8 @@ from bossa_jax.errors import ConfigError
 
 M = TypeVar("M", bound=nnx.Module)
 MESH_AXES = ("data", "fsdp", "tensor")
+log = logging.getLogger(__name__)
+_reported_replication: set[tuple[str, tuple[int, ...], str]] = set()
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
@@ -98,8 +101,17 @@ def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def _fit_spec(spec: PartitionSpec, shape: Sequence[int], sizes: dict[str, int]) -> PartitionSpec:
-    """Keeps, per dimension, the mesh axes of size > 1 that divide it and no earlier dim uses."""
+def _fit_spec(
+    spec: PartitionSpec,
+    shape: Sequence[int],
+    sizes: dict[str, int],
+    name: str | None = None,
+) -> PartitionSpec:
+    """Keeps, per dimension, the mesh axes of size > 1 that divide it and no earlier dim uses.
+
+    With a parameter ``name``, a dimension left replicated because its mesh axes do not divide it
+    is logged (once per parameter, shape and spec), so a silently unsharded weight can be found.
+    """
     fitted, used = [], set()
     for dim, axes in zip(shape, spec):
         axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
@@ -109,7 +121,32 @@ def _fit_spec(spec: PartitionSpec, shape: Sequence[int], sizes: dict[str, int]) 
             used.update(kept)
         else:
             fitted.append(None)
+            if kept and name is not None:
+                _report_replication(name, tuple(shape), spec, dim, kept, sizes)
     return PartitionSpec(*fitted)
+
+
+def _report_replication(
+    name: str,
+    shape: tuple[int, ...],
+    spec: PartitionSpec,
+    dim: int,
+    axes: tuple[str, ...],
+    sizes: dict[str, int],
+) -> None:
+    key = (name, shape, str(spec))
+    if key in _reported_replication:
+        return
+    _reported_replication.add(key)
+    split = " x ".join(f"{a}={sizes[a]}" for a in axes)
+    log.warning(
+        "parameter '%s' %s: dimension of size %d is not divisible by mesh axes %s; "
+        "replicated along it instead of sharded",
+        name,
+        shape,
+        dim,
+        split,
+    )
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -122,17 +159,19 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 def named_shardings(state: Any, mesh: Mesh) -> Any:
     """The NamedSharding of every variable in ``state`` under the active rules, fitted to its
     shape: a mesh axis that does not divide a dimension (e.g. a 1237-row vocabulary over
-    ``tensor=2``) is dropped for that dimension instead of failing. Call inside :func:`use_mesh`.
+    ``tensor=2``) is dropped for that dimension instead of failing, and logged once naming the
+    parameter. Call inside :func:`use_mesh`.
     """
     sizes = dict(mesh.shape)
 
-    def one(var: Any) -> Any:
+    def one(path: Any, var: Any) -> Any:
         if not isinstance(var, nnx.Variable):
             return NamedSharding(mesh, PartitionSpec())
         spec = nnx.spmd.get_var_pspec(var) or PartitionSpec()
-        return var.replace(NamedSharding(mesh, _fit_spec(spec, var.shape, sizes)))
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        return var.replace(NamedSharding(mesh, _fit_spec(spec, var.shape, sizes, name)))
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def create_sharded(ctor: Callable[[], M]) -> M:

@@ -90,3 +90,24 @@ def test_init_distributed_single_process_is_noop(monkeypatch):
     sharding.init_distributed()
     sharding.init_distributed(num_processes=1)
     assert jax.process_count() == 1
+
+
+def test_replication_fallback_is_logged_once_by_name(caplog):
+    cfg = load_config(None, ["mesh.shape.tensor=2"])
+    mesh = sharding.make_mesh(cfg.mesh)
+
+    def make():
+        # 7 output rows cannot split over tensor=2: replicated, and said so naming the kernel
+        return MLP(16, 7, rngs=nnx.Rngs(0))
+
+    sharding._reported_replication.clear()  # another test in this process may have said it
+    with caplog.at_level("WARNING", logger="bossa_jax.sharding"):
+        with sharding.use_mesh(mesh, sharding.rules_of(cfg.mesh)):
+            model = sharding.create_sharded(make)
+            sharding.create_sharded(make)  # the same parameter again: no second line
+    assert model.fc1.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, None)
+    lines = [r.getMessage() for r in caplog.records if "fc1.kernel" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "(16, 7)" in lines[0] and "tensor=2" in lines[0]
+    # fc2's bias (16,) is on embed -> fsdp of size 1: unsharded by design, not a fallback
+    assert not any("fc2.bias" in r.getMessage() for r in caplog.records)

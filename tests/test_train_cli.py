@@ -160,7 +160,9 @@ def test_export_of_the_run(run):
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"out": str(tmp / "exported")}
     assert "name: bossa_stage1" in (tmp / "exported" / "config.yaml").read_text()
     again = _train(tmp, "export", str(out), str(tmp / "exported"))
-    assert "already exists" in _only_error_line(again)
+    assert "pass --overwrite" in _only_error_line(again)
+    replaced = _train(tmp, "export", str(out), str(tmp / "exported"), "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
 
 
 # --- bad inputs: one line on stderr, non-zero exit (in-process, no compile) -------------------

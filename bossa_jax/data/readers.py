@@ -23,8 +23,10 @@ POP909 (``root`` = the POP909 folder of the official repository)::
 PIAST (SPEC 6.2): ``<midi_root>/**/<stem>.mid`` with track 0 = piano performance (arrangement),
 track 1 = melody, chords as MIDI markers ``root_quality_bass``; audio
 ``<audio_root>/<stem>.{mp3,wav,flac,ogg}`` (or ``<audio_root>/<stem>/audio.<ext>``). The official
-code shifts PIAST audio so its first onset meets the first MIDI onset; that alignment belongs to
-the codes you store (``build_codes_store``'s ``encode_fn``), not to this reader.
+code shifts PIAST audio so its first onset meets the first MIDI onset (SPEC 1.1); that alignment
+belongs to the codes you store (``python -m bossa_jax.data.codes --dataset piast`` applies
+:func:`bossa_jax.data.align.align_to_midi` with :func:`piast_first_note_seconds`), not to this
+reader.
 
 JSONL manifest (your own data), one object per line; paths are relative to the manifest's folder::
 
@@ -194,6 +196,16 @@ def piast_sources(
     return sources
 
 
+def piast_first_note_seconds(midi: str | os.PathLike) -> float:
+    """Onset (seconds) of the first note of a PIAST file's piano track (its first track with notes,
+    the arrangement of :func:`bossa_jax.symbolic.leadsheet.read_piast`): the MIDI side of the
+    onset alignment (SPEC 1.1; official: pretty_midi ``instruments[0]``)."""
+    score = midi_io.load_midi(midi)
+    piano = next(t for t in score.tracks if len(t.notes))
+    first_tick = float(np.min(piano.notes.numpy()["time"]))
+    return float(midi_io.TempoMap.from_score(score).to_seconds(first_tick))
+
+
 def manifest_sources(
     path: str | os.PathLike, logger: logging.Logger | None = None
 ) -> tuple[list[SongSource], ReadSummary]:
@@ -202,7 +214,9 @@ def manifest_sources(
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as err:
-        raise DataError(f"{path}: cannot read the manifest ({err.strerror})") from None
+        raise DataError(f"{path}: cannot read the manifest ({err.strerror})") from err
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not a text file; a manifest is JSON lines (UTF-8)") from err
     base = path.parent
     summary = ReadSummary()
     sources, seen = [], set()
@@ -231,7 +245,7 @@ def _manifest_entry(line: str, base: Path, default_dataset: str) -> SongSource:
     try:
         entry = json.loads(line)
     except ValueError as err:
-        raise DataError(f"not a JSON object ({err})") from None
+        raise DataError(f"not a JSON object ({err})") from err
     if not isinstance(entry, dict):
         raise DataError("not a JSON object")
     unknown = set(entry) - _MANIFEST_KEYS - {"melody_track"}
@@ -287,7 +301,7 @@ def load_split_file(path: str | os.PathLike) -> dict[str, dict[str, set[str]]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot read the split file ({one_line(str(err))})") from None
+        raise DataError(f"{path}: cannot read the split file ({one_line(str(err))})") from err
     if not isinstance(data, dict):
         raise DataError(
             f"{path}: expected an object {{dataset: {{validation: [...], test: [...]}}}}"
@@ -392,11 +406,10 @@ def read_songs(
                     raise DataError("no audio file found for it")
                 audio_io.audio_duration(source.audio)
             song = read_song(source)
-        except BossaError as err:
+        except (BossaError, OSError) as err:
+            # what a bad song raises (the symbolic and audio readers turn decoder errors into
+            # MidiError / AudioError); anything else is a bug and must not pass as a skipped song
             summary.skip(source.id, str(err), logger)
-            continue
-        except Exception as err:  # noqa: BLE001 (one bad file must not stop a corpus)
-            summary.skip(source.id, f"{type(err).__name__}: {err}", logger)
             continue
         records.append(SongRecord(source.id, source.dataset, song, source.audio, song_split))
         summary.read += 1

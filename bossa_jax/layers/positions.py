@@ -2,7 +2,8 @@
 
 * HF MusicGen (SPEC 1.2): first half cos, second half sin, positions 0..S-1, no offset.
 * fairseq / MuseCoco (SPEC 4.5): first half sin, second half cos; positions from
-  :func:`fairseq_position_ids` (padding_idx + 1 + index over non-pad tokens), pad rows zero.
+  :func:`fairseq_position_ids` (padding_idx + 1 + index over non-pad tokens, optionally counted
+  from a start index, SPEC 4.3), pad rows zero.
 
 Both use inverse frequencies exp(-i * ln(10000) / (d/2 - 1)) computed in fp32, as upstream does.
 Values are computed on the fly (no 8194 x 2048 table).
@@ -38,11 +39,18 @@ def musicgen_positions(length: int, dim: int, offset: int | jax.Array = 0) -> ja
     return sinusoidal(jnp.arange(length) + offset, dim, sin_first=False)
 
 
-def fairseq_position_ids(tokens: jax.Array, padding_idx: int) -> jax.Array:
-    """fairseq ``make_positions``: cumulative count of non-pad tokens + padding_idx; pads get
-    padding_idx."""
-    not_pad = (tokens != padding_idx).astype(jnp.int32)
-    return jnp.cumsum(not_pad, axis=-1) * not_pad + padding_idx
+def fairseq_position_ids(
+    tokens: jax.Array, padding_idx: int, start: int | jax.Array = 0
+) -> jax.Array:
+    """fairseq ``make_positions`` over ``tokens[..., start:]``: cumulative count of non-pad tokens +
+    padding_idx; pads, and every token before index ``start``, get padding_idx (no position).
+
+    ``start`` is MuseCoco's ``pos_start`` (SPEC 4.3: 61): the token at index i >= start gets the
+    position fairseq gives index i - start, so the first counted token gets padding_idx + 1.
+    """
+    index = jnp.arange(tokens.shape[-1])
+    counted = ((tokens != padding_idx) & (index >= start)).astype(jnp.int32)
+    return jnp.cumsum(counted, axis=-1) * counted + padding_idx
 
 
 def fairseq_positions(position_ids: jax.Array, dim: int, padding_idx: int) -> jax.Array:

@@ -23,12 +23,33 @@ def stack_modules(make: Callable[[nnx.Rngs], M], num: int, rngs: nnx.Rngs) -> M:
     return create(rngs)
 
 
-def scan_modules(stacked: M, carry: Any, step: Callable[[M, Any], Any]) -> Any:
-    """Runs ``carry = step(block_i, carry)`` over the stacked blocks with ``lax.scan``."""
+def scan_modules(
+    stacked: M,
+    carry: Any,
+    step: Callable[..., Any],
+    xs: Any = None,
+    *,
+    per_layer: bool = False,
+) -> Any:
+    """Runs the stacked blocks in order with ``lax.scan``.
+
+    Default: ``carry = step(block_i, carry)`` for each block; returns the final carry (the residual
+    stream). With ``per_layer``: ``carry, y_i = step(block_i, carry, x_i)``, where ``x_i`` is layer
+    i's slice of ``xs`` (a pytree with a leading ``layers`` axis, e.g. each layer's decode state or
+    dropout key; None gives None) and the ``y_i`` come back stacked: returns ``(carry, ys)``.
+    """
     graphdef, state = nnx.split(stacked)
 
-    def body(c: Any, layer_state: Any) -> tuple[Any, None]:
-        return step(nnx.merge(graphdef, layer_state), c), None
+    if not per_layer:
 
-    carry, _ = jax.lax.scan(body, carry, state)
-    return carry
+        def body(c: Any, layer_state: Any) -> tuple[Any, None]:
+            return step(nnx.merge(graphdef, layer_state), c), None
+
+        carry, _ = jax.lax.scan(body, carry, state)
+        return carry
+
+    def body_per_layer(c: Any, layer: tuple[Any, Any]) -> tuple[Any, Any]:
+        layer_state, x = layer
+        return step(nnx.merge(graphdef, layer_state), c, x)
+
+    return jax.lax.scan(body_per_layer, carry, (state, xs))

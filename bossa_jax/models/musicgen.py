@@ -146,9 +146,15 @@ def forward_flops(cfg: MusicgenConfig, batch: int, steps: int) -> int:
     return cfg.keep_layers * batch * steps * per_token
 
 
-def save_musicgen(path: str | os.PathLike, model: MusicgenFeatures) -> Path:
+CHECKPOINT_KIND = "musicgen checkpoint"
+
+
+def save_musicgen(
+    path: str | os.PathLike, model: MusicgenFeatures, *, overwrite: bool = False
+) -> Path:
     """Writes a converted model (parameters + its config) as a bossa-jax checkpoint."""
-    return checkpoint.save_module(path, model, {CONFIG_SECTION: dataclasses.asdict(model.cfg)})
+    config = {CONFIG_SECTION: dataclasses.asdict(model.cfg)}
+    return checkpoint.save_module(path, model, config, kind=CHECKPOINT_KIND, overwrite=overwrite)
 
 
 def load_musicgen(
@@ -165,7 +171,7 @@ def load_musicgen(
         try:
             cfg.validate(CONFIG_SECTION)
         except ConfigError as err:
-            raise CheckpointError(f"{path}: {err}") from None
+            raise CheckpointError(f"{path}: {err}") from err
     if keep_layers is not None and keep_layers != cfg.keep_layers:
         raise CheckpointError(
             f"{path}: holds {cfg.keep_layers} MusicGen blocks, but {keep_layers} are configured "

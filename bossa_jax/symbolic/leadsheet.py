@@ -240,7 +240,7 @@ def read_pop909_beats(path: str | os.PathLike, triple_meter: bool) -> tuple[np.n
     try:
         table = np.loadtxt(path, ndmin=2)
     except (OSError, ValueError) as err:
-        raise MidiError(f"{path}: cannot read beat annotations ({err})") from None
+        raise MidiError(f"{path}: cannot read beat annotations ({err})") from err
     if table.shape[1] < 3 or len(table) < 2:
         raise MidiError(f"{path}: expected at least two rows of 'time simple compound' beats")
     return table[:, 0], table[:, 1 if triple_meter else 2] == 1
@@ -252,15 +252,15 @@ def read_pop909_chords(path: str | os.PathLike) -> list[tuple[float, str]]:
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as err:
-        raise MidiError(f"{path}: cannot read chord annotations ({err.strerror})") from None
+        raise MidiError(f"{path}: cannot read chord annotations ({err.strerror})") from err
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         fields = line.split("\t")
         try:
             chords.append((float(fields[0]), fields[2].strip()))
-        except (IndexError, ValueError):
-            raise MidiError(f"{path}:{number}: expected 'start<TAB>end<TAB>label'") from None
+        except (IndexError, ValueError) as err:
+            raise MidiError(f"{path}:{number}: expected 'start<TAB>end<TAB>label'") from err
     return chords
 
 
@@ -272,7 +272,7 @@ def pop909_chord_table(grid: BeatGrid, chords: list[tuple[float, str]], where: s
         try:
             voicing = pop909_voicing(label)
         except ChordLabelError as err:
-            raise MidiError(f"{where}: {err}") from None
+            raise MidiError(f"{where}: {err}") from err
         starts.append(start)
         ends.append(nxt)
         voicings.append(voicing)
@@ -291,7 +291,7 @@ def read_pop909(song_dir: str | os.PathLike, *, triple_meter: bool | None = None
     try:
         grid = BeatGrid(beats, flags, tempo)
     except ValueError as err:
-        raise MidiError(f"{folder / 'beat_midi.txt'}: {err}") from None
+        raise MidiError(f"{folder / 'beat_midi.txt'}: {err}") from err
     arrangement, _ = arrangement_from_score(score, grid)
     tracks = [t for t in score.tracks if len(t.notes)]
     melody = next((t for t in tracks if t.name.strip().upper() == "MELODY"), tracks[0])
@@ -323,7 +323,7 @@ def read_piast(path: str | os.PathLike) -> Song:
         try:
             voicing = piast_voicing(text)
         except ChordLabelError as err:
-            raise MidiError(f"{path}: {err}") from None
+            raise MidiError(f"{path}: {err}") from err
         starts.append(times[i])
         ends.append(times[i + 1])
         voicings.append(voicing)

@@ -46,9 +46,9 @@ def load_midi(path: str | os.PathLike, *, require_notes: bool = True) -> symusic
         raise MidiError(f"{p}: not a standard MIDI file (it does not start with 'MThd')")
     try:
         score = symusic.Score.from_file(str(p))
-    except Exception as err:  # symusic raises RuntimeError/ValueError with parser internals
+    except (RuntimeError, ValueError) as err:  # symusic's parser errors, with its internals
         detail = one_line(str(err)).replace("MiniMidi: ", "").replace(": iostream error", "")
-        raise MidiError(f"{p}: corrupt or truncated MIDI file ({detail})") from None
+        raise MidiError(f"{p}: corrupt or truncated MIDI file ({detail})") from err
     if require_notes and score.note_num() == 0:
         raise MidiError(f"{p}: the MIDI file contains no notes")
     return score

@@ -107,12 +107,16 @@ def tempo_qpm(code: np.ndarray | int) -> np.ndarray:
     return 2.0 ** (np.asarray(code, dtype=np.float64) / TEMPO_QUANT) * MIN_TEMPO
 
 
+class GridError(MidiError, ValueError):
+    """A song whose time signatures or beats give no bar grid (bad data, not a bug)."""
+
+
 def time_signature_code(numerator: int, denominator: int = 4) -> int:
-    """MusicBERT time-signature id; raises ValueError for a signature outside the table."""
+    """MusicBERT time-signature id; raises GridError for a signature outside the table."""
     try:
         return _TS_CODE[(int(numerator), int(denominator))]
-    except KeyError:
-        raise ValueError(f"unsupported time signature {numerator}/{denominator}") from None
+    except KeyError as err:
+        raise GridError(f"unsupported time signature {numerator}/{denominator}") from err
 
 
 def time_signature_of(code: int) -> tuple[int, int]:
@@ -200,9 +204,9 @@ class BeatGrid:
         beats = np.asarray(self.beat_times, dtype=np.float64)
         flags = np.asarray(self.downbeat_flags, dtype=bool).copy()
         if beats.ndim != 1 or len(beats) < 2 or len(flags) != len(beats):
-            raise ValueError("a beat grid needs at least two beats and one flag per beat")
+            raise GridError("a beat grid needs at least two beats and one flag per beat")
         if np.any(np.diff(beats) <= 0):
-            raise ValueError("beat times must increase strictly")
+            raise GridError("beat times must increase strictly")
         counter = np.zeros(len(beats), dtype=np.int64)
         for i, is_down in enumerate(flags):  # the official beat-table loop, wrap at 8
             if is_down:

@@ -115,7 +115,7 @@ class TrainCheckpointer:
             raise CheckpointError(
                 f"{self.directory}/{step}: cannot restore the training state "
                 f"({one_line(str(err))[:300]})"
-            ) from None
+            ) from err
         tree = restored[STATE_ITEM]
         key = jax.random.wrap_key_data(tree["rng"], impl=jax.random.key_impl(rng))
         processes = (restored[DATA_ITEM] or {}).get("processes", [None])

@@ -48,6 +48,7 @@ from bossa_jax.data import pipeline as pl
 from bossa_jax.data import readers, synthetic
 from bossa_jax.errors import CheckpointError, ConfigError, DataError
 from bossa_jax.models.bossa import (
+    CHECKPOINT_KIND,
     TRAINABLE,
     Stage1Model,
     load_stage1,
@@ -269,7 +270,8 @@ def batch_spec(config: Config, global_batch: int) -> dict[str, jax.ShapeDtypeStr
         spec["codes"] = jax.ShapeDtypeStruct((global_batch, 4, frames), jnp.int32)
     else:
         width = config.qformer.encoder_width
-        spec["features"] = jax.ShapeDtypeStruct((global_batch, steps, width), jnp.bfloat16)
+        dtype = jnp.dtype(config.stage1.feature_dtype)
+        spec["features"] = jax.ShapeDtypeStruct((global_batch, steps, width), dtype)
     return spec
 
 
@@ -429,7 +431,9 @@ def load_split(config: Config, split: str) -> Stage1Split:
         records = [r for r in records if r.id in codes]
     if not records:
         raise DataError(f"no readable songs with codes in the {split!r} split of {cfg.data_dir}")
-    index = pl.build_index(records, codes)
+    index = pl.build_index(
+        records, codes, clamp=cfg.clamp_clips, clip_length=config.audio.clip_frames
+    )
     if cfg.audio_input == "codes":
         return Stage1Split(split, index, pl.AudioSource(index, codes=codes))
     if cfg.feature_cache_dir:
@@ -442,11 +446,17 @@ def load_split(config: Config, split: str) -> Stage1Split:
         )
     if (cache_root / fc.MANIFEST).is_file():
         cache = fc.FeatureCache(cache_root)
+        if cache.dtype != np.dtype(fc.dtype_of(cfg.feature_dtype)):
+            raise ConfigError(
+                f"config key 'stage1.feature_dtype': {cfg.feature_dtype}, but the feature cache "
+                f"{cache_root} stores {cache.dtype}; set the key to match or use another folder"
+            )
     else:
         compute, compute_id = _feature_fn(config)
         cache = fc.build_feature_cache(
-            cache_root, index.clips, codes.codes, compute, compute_id=compute_id, progress=False
-        )
+            cache_root, index.clips, codes.codes, compute, compute_id=compute_id,
+            dtype=cfg.feature_dtype, progress=False,
+        )  # fmt: skip
     return Stage1Split(split, index, pl.AudioSource(index, features=cache))
 
 
@@ -489,6 +499,7 @@ def make_pipeline(
         num_epochs=None if train else 1,
         transpose=cfg.transpose,  # the official validation transposes too (SPEC 10.6)
         deperf=cfg.deperf,
+        keep_eos=cfg.keep_eos,
         process_index=process_index,
         process_count=process_count,
         num_threads=cfg.num_threads,
@@ -520,19 +531,23 @@ def eval_data(config: Config, data: Stage1Split) -> loop.EvalFactory:
 
 
 # --- export -------------------------------------------------------------------------------------
-def export(config: Config, run_dir: str | Path, out: str | Path) -> Path:
+def export(
+    config: Config, run_dir: str | Path, out: str | Path, *, overwrite: bool = False
+) -> Path:
     """Writes the model of a stage-1 run (``config`` = the run's config; the latest checkpoint's
     trainable weights on the model :func:`build_model` makes, so with the frozen MusicGen the run
     trained with) as a stage-1 checkpoint (``save_stage1``: what ``stage1.init_from`` and stage 2
-    read; SPEC 7). ``out`` must not exist yet."""
+    read; SPEC 7). ``out`` is checked before any work (bossa_jax.outputs; ``overwrite`` replaces
+    a previous stage-1 checkpoint there)."""
+    from bossa_jax.outputs import check_output
     from bossa_jax.train import evaluate
 
-    out = Path(out)
-    if out.exists() or out.is_symlink():
-        raise DataError(f"{out} already exists; give a new folder for the exported checkpoint")
     if not loop.checkpoint_steps(run_dir):
         raise CheckpointError(f"{run_dir}: not a stage-1 run (no checkpoints/ with a step in it)")
-    return save_stage1(out, evaluate.load_model(config, run_dir))
+    sources = [Path(run_dir) / loop.CHECKPOINT_DIR]
+    check_output(out, CHECKPOINT_KIND, folder=True, overwrite=overwrite, sources=sources)
+    model = evaluate.load_model(config, run_dir)
+    return save_stage1(out, model, overwrite=overwrite)
 
 
 # --- the run ------------------------------------------------------------------------------------

@@ -158,3 +158,26 @@ def test_bad_options_are_errors(corpus):
         make_pipeline(corpus, global_batch_size=3, process_count=2, process_index=0)
     with pytest.raises(DataError, match="do not fill one global batch"):
         make_pipeline(corpus, global_batch_size=64)
+
+
+def test_symbolic_sample_passes_keep_eos():
+    """keep_eos=False (configs/official.yaml) reaches both sequence builders (SPEC 11.11)."""
+    from bossa_jax.symbolic.notes import NoteTable
+
+    def table(pitch, n):
+        events = np.tile([[0, 0, 0, pitch, 1, 1, 9, 35]], (n, 1))
+        return NoteTable(events, np.zeros(n))
+
+    window = segment.Window(0, 0, 0.0, 8.0, 0, 508, table(60, 300), table(72, 10))
+    eos_ids = {1: octuple.EOS, 2: remi.to_ids(["</s>"])[0]}
+
+    def last_token(sample, stage):
+        if stage == 1:
+            return sample["notes"].reshape(-1, 8)[sample["pad_mask"] > 0][-1, 0]
+        return sample["tokens"][~sample["pad_mask"]][-1]
+
+    for stage in (1, 2):
+        ours = pl.symbolic_sample(window, stage, None)
+        official = pl.symbolic_sample(window, stage, None, keep_eos=False)
+        assert last_token(ours, stage) == eos_ids[stage], stage
+        assert last_token(official, stage) != eos_ids[stage], stage

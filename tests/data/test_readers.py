@@ -179,3 +179,23 @@ def test_split_file_and_split_selection(pop909, tmp_path):
         readers.read_songs(sources, split_file=bad)
     with pytest.raises(DataError, match="unknown split"):
         readers.read_songs(sources, split="dev")
+
+
+@pytest.mark.parametrize("bug", [TypeError, KeyError])
+def test_a_bug_is_not_a_skipped_song(pop909, monkeypatch, bug):
+    """Only what a bad song raises is skipped and counted; a bug in the reading code propagates
+    (issue 8 item 4d). The corrupt MIDI (004) is still skipped."""
+    sources = readers.pop909_sources(pop909 / "POP909", pop909 / "audio")
+    real = readers.ls_io.read_pop909
+
+    def read_pop909(folder, **kwargs):
+        if folder.name == "003":
+            raise bug("a bug in the reader")
+        return real(folder, **kwargs)
+
+    monkeypatch.setattr(readers.ls_io, "read_pop909", read_pop909)
+    with pytest.raises(bug, match="a bug in the reader"):
+        readers.read_songs(sources)
+    _, summary = readers.read_songs([s for s in sources if s.name != "003"])
+    assert (summary.read, summary.num_skipped) == (2, 4)  # the bad songs are still skipped
+    assert "corrupt" in dict(summary.skipped)["pop909/004"]

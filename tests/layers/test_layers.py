@@ -1,7 +1,5 @@
 """Shared layers against PyTorch/HF references (issue 2 item 5)."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +17,7 @@ from bossa_jax.layers import (
     fairseq_positions,
     musicgen_positions,
 )
+from tests.reference.musecoco_torch import fairseq_table, make_positions
 
 
 def test_musicgen_positions_match_hf():
@@ -39,15 +38,7 @@ def test_musicgen_positions_match_hf():
 
 def _fairseq_reference(tokens: torch.Tensor, dim: int, padding_idx: int) -> torch.Tensor:
     """fairseq SinusoidalPositionalEmbedding as SPEC 4.5 describes it (sin half first)."""
-    half = dim // 2
-    freq = torch.exp(torch.arange(half, dtype=torch.float) * -(math.log(10000) / (half - 1)))
-    n = 8194
-    table = torch.arange(n, dtype=torch.float).unsqueeze(1) * freq.unsqueeze(0)
-    table = torch.cat([torch.sin(table), torch.cos(table)], dim=1)
-    table[padding_idx] = 0
-    mask = tokens.ne(padding_idx).int()
-    positions = (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + padding_idx
-    return table[positions]
+    return fairseq_table(8194, dim, padding_idx)[make_positions(tokens, padding_idx)]
 
 
 def test_fairseq_positions_match_reference():
@@ -58,6 +49,19 @@ def test_fairseq_positions_match_reference():
     got = np.asarray(fairseq_positions(ids, 16, 1))
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert np.all(got[0, 3:] == 0)  # pad rows are zero
+
+
+def test_fairseq_positions_from_a_start_index():
+    # SPEC 4.3: tokens before index `start` get no position; token i >= start gets the fairseq
+    # position of index i - start (pads still none)
+    tokens = torch.tensor([[2, 9, 9, 9, 4, 5, 6, 1], [2, 9, 9, 9, 4, 1, 1, 1]])
+    start = 3
+    ids = np.asarray(fairseq_position_ids(jnp.asarray(tokens.numpy()), 1, start))
+    np.testing.assert_array_equal(ids, [[1, 1, 1, 2, 3, 4, 5, 1], [1, 1, 1, 2, 3, 1, 1, 1]])
+    expected = _fairseq_reference(tokens[:, start:], 16, padding_idx=1).numpy()
+    got = np.asarray(fairseq_positions(jnp.asarray(ids), 16, 1))
+    np.testing.assert_allclose(got[:, start:], expected, atol=1e-5)
+    assert not np.any(got[:, :start])
 
 
 def test_layernorm_fp32_statistics():

@@ -16,8 +16,8 @@ import torch
 from flax import nnx
 
 from bossa_jax.config import load_config
+from bossa_jax.models import losses
 from bossa_jax.models.bossa import TRAINABLE, Stage1Model, stage1_loss_fn
-from bossa_jax.train import losses
 from convert.bossa import stage1_values
 from convert.common import fill
 from tests.reference.losses_torch import Stage1Torch
@@ -363,3 +363,36 @@ def test_remat_changes_memory_not_numbers(models, batch):
         np.testing.assert_allclose(
             np.asarray(g), np.asarray(w), atol=1e-6, err_msg=jax.tree_util.keystr(path)
         )
+
+
+def test_official_preset_gives_the_official_losses(models, batch):
+    """configs/official.yaml's stage-1 loss function equals the official reference's total loss
+    (official ITG field mean); paper.yaml's (our corrected mean) does not (issue 8 item 4b)."""
+    from bossa_jax.train.stage1 import make_loss_fn
+
+    ref, model = models
+    key = jax.random.key(3)
+    arrays = {k: jnp.asarray(v) for k, v in batch.items()}
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(loss_fn, state):
+        m = nnx.merge(graphdef, state)
+        _, with_negatives = m.losses(
+            arrays["notes"],
+            arrays["leadsheet_mask"],
+            arrays["pad_mask"],
+            arrays["audio_mask"],
+            features=arrays["features"],
+            rng=key,
+        )
+        loss, _ = loss_fn(m, arrays, key)
+        return loss, (with_negatives["neg_symbo_idx"], with_negatives["neg_audio_idx"])
+
+    official, negatives = run(make_loss_fn(load_config("official").stage1, train=False), state)
+    paper, _ = run(make_loss_fn(load_config("paper").stage1, train=False), state)
+    with torch.no_grad():
+        want = ref(*torch_args(batch), *(t(np.array(i)) for i in negatives))
+    close(official, want["loss"])
+    assert abs(float(paper) - want["loss"].item()) > 1e-2
+    close(paper, want["loss_valid"])

@@ -18,7 +18,7 @@ from flax import nnx
 
 from bossa_jax import sharding
 from bossa_jax.config import load_config
-from bossa_jax.errors import ConfigError, DataError
+from bossa_jax.errors import ConfigError, DataError, OutputError
 from bossa_jax.train import evaluate, stage1
 
 
@@ -244,7 +244,7 @@ def test_export_round_trips_through_init_from(codes_run):
     assert got.keys() == expected.keys() and any(p[0] == "musicgen" for p in got)
     for path, value in expected.items():
         np.testing.assert_array_equal(got[path], value, err_msg=str(path))
-    with pytest.raises(DataError, match="already exists"):
+    with pytest.raises(OutputError, match="--overwrite"):  # checked before any work
         stage1.export(cfg, tmp / "run", out)
 
 

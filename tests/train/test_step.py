@@ -14,6 +14,7 @@ from bossa_jax.train.optim import make_optimizer
 from bossa_jax.train.step import (
     batch_shardings,
     build_program,
+    cast_floating,
     compile_ahead,
     replicated_key,
     trainable_filter,
@@ -111,3 +112,25 @@ def test_frozen_params_get_no_gradient():
     _, g_frozen = jax.jit(jax.grad(loss_of_everything, argnums=(0, 1)))(params, frozen)
     # the frozen encoder does influence the loss, so only the split keeps it out of training
     assert float(jnp.abs(g_frozen["encoder"]["kernel"][...]).max()) > 0
+
+
+def test_bf16_cast_keeps_the_temperature_exactly_fp32():
+    """Under bf16 compute the step's cast leaves scalars alone: the stage-1 temperature the model
+    sees is float32 0.07, not bf16's 0.06982 (issue 8 item 4a); weight matrices are bf16."""
+    from bossa_jax.config import load_config
+    from bossa_jax.models.bossa import TRAINABLE, Stage1Model
+
+    cfg = load_config("tiny", ["train.compute_dtype=bfloat16"])
+    model = Stage1Model(cfg.qformer, None, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
+
+    @jax.jit
+    def seen(params, frozen):
+        m = nnx.merge(
+            graphdef, cast_floating(params, jnp.bfloat16), cast_floating(frozen, jnp.bfloat16)
+        )
+        return m.temp[...], m.audio_proj.kernel[...]
+
+    temp, kernel = seen(params, frozen)
+    assert temp.dtype == jnp.float32 and temp == np.float32(0.07)
+    assert kernel.dtype == jnp.bfloat16
