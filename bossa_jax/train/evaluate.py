@@ -34,7 +34,7 @@ from flax import nnx
 from bossa_jax import checkpoint, sharding
 from bossa_jax.config import Config
 from bossa_jax.data import pipeline as pl
-from bossa_jax.errors import CheckpointError, DataError
+from bossa_jax.errors import CheckpointError, ConfigError, DataError
 from bossa_jax.models.bossa import Stage1Model
 from bossa_jax.outputs import atomic_output
 from bossa_jax.train.checkpoint import TrainCheckpointer
@@ -93,12 +93,45 @@ def _similarity(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.A
     )
 
 
+# what decides the model a run trains besides its checkpoint (the frozen MusicGen and its dtype
+# come from these; the trainable weights from the checkpoint)
+MODEL_KEYS = (
+    "qformer",
+    "musicgen",
+    "stage1.audio_input",
+    "stage1.musicgen_checkpoint",
+    "stage1.random_musicgen",
+    "stage1.init_from",
+    "train.seed",
+    "train.compute_dtype",
+)
+
+
+def check_run_config(config: Config, run_config: str | os.PathLike) -> None:
+    """A ConfigError naming the first of :data:`MODEL_KEYS` where ``config`` differs from the
+    run's own ``config.yaml``: evaluating or exporting with it would rebuild another model."""
+    from bossa_jax.config import load_config
+
+    ours, theirs = config.to_dict(), load_config(run_config).to_dict()
+    for key in MODEL_KEYS:
+        a, b = ours, theirs
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        if a != b:
+            shown = "" if isinstance(a, dict) else f" ({a!r}, the run: {b!r})"
+            raise ConfigError(
+                f"config key '{key}': differs from the run's {run_config}{shown}; the model "
+                f"would not be the one the run trained: use --config {run_config}"
+            )
+
+
 def load_model(config: Config, path: str | os.PathLike) -> Stage1Model:
     """The stage-1 model to evaluate, built by :func:`bossa_jax.train.stage1.build_model` (the
     constructor training uses, so the frozen MusicGen is the one the run trained with) from
     ``path``: a training run folder (``<out_dir>`` or its ``checkpoints/``; the latest step's
-    trainable parameters restored on top) or a stage-1 model checkpoint (``save_stage1`` /
-    ``convert.bossa``: read as ``stage1.init_from``)."""
+    trainable parameters restored on top; ``config`` must build the model the run's own
+    ``config.yaml`` builds, :func:`check_run_config`) or a stage-1 model checkpoint
+    (``save_stage1`` / ``convert.bossa``: read as ``stage1.init_from``)."""
     from bossa_jax.train import stage1
 
     path = Path(path)
@@ -110,6 +143,10 @@ def load_model(config: Config, path: str | os.PathLike) -> Stage1Model:
         stage1_cfg = dataclasses.replace(config.stage1, init_from=str(path), qformer_init="")
         config = dataclasses.replace(config, stage1=stage1_cfg)
         run_dir = None
+    if run_dir is not None:
+        run_config = (run_dir.parent if run_dir.name == CHECKPOINT_DIR else run_dir) / "config.yaml"
+        if run_config.is_file():
+            check_run_config(config, run_config)
     stage1.check_musicgen_source(config)
     mesh = sharding.make_mesh(config.mesh)
     with sharding.use_mesh(mesh, sharding.rules_of(config.mesh)):

@@ -165,13 +165,15 @@ def codes_run(tmp_path_factory):
     return cfg, result, tmp
 
 
-def _trained_model(cfg, result, musicgen_path):
+def _trained_model(cfg, result, musicgen_path=None):
     """The model the run trained, put together here: fresh model, the converted MusicGen read
-    directly from its checkpoint, the trainable weights the loop returned."""
+    directly from its checkpoint (None: the seeded random one eval used to build), the trainable
+    weights the loop returned."""
     from bossa_jax.models.musicgen import load_musicgen
 
     model = stage1.model_fn(cfg)()
-    nnx.update(model.musicgen, nnx.state(load_musicgen(musicgen_path), nnx.Param))
+    if musicgen_path is not None:
+        nnx.update(model.musicgen, nnx.state(load_musicgen(musicgen_path), nnx.Param))
     nnx.update(model, jax.device_get(result.state.params))
     return model
 
@@ -198,17 +200,23 @@ def test_eval_of_a_codes_run_uses_the_musicgen_it_trained_with(codes_run):
         _round_similarities(evaluated, data, got), _round_similarities(direct, data, got)
     ):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-    # the same run evaluated with a random MusicGen (what eval used to do silently) differs
-    random_cfg = dataclasses.replace(
-        cfg,
-        stage1=dataclasses.replace(cfg.stage1, musicgen_checkpoint="", random_musicgen=True),
-    )
-    shuffled = evaluate.load_model(random_cfg, tmp / "run")
+    # the run's weights with the seed's random MusicGen (what eval used to build) score otherwise
+    shuffled = _trained_model(cfg, result)
     sims_random = _round_similarities(shuffled, data, got)
     sims_trained = _round_similarities(evaluated, data, got)
     # (two steps from its init the Q-Former barely looks at the audio, so the scores move a little,
     # yet far beyond the 1e-6 to which the same model reproduces them)
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(sims_random, sims_trained)) > 2e-5
+    # and a config that would build another MusicGen than the run's is refused, naming the key
+    random_cfg = dataclasses.replace(
+        cfg,
+        stage1=dataclasses.replace(cfg.stage1, musicgen_checkpoint="", random_musicgen=True),
+    )
+    with pytest.raises(ConfigError) as err:
+        evaluate.load_model(random_cfg, tmp / "run")
+    message = str(err.value)
+    assert "stage1.musicgen_checkpoint" in message and "config.yaml" in message
+    assert "\n" not in message
 
 
 def test_codes_mode_without_musicgen_is_refused(codes_run):
@@ -216,11 +224,16 @@ def test_codes_mode_without_musicgen_is_refused(codes_run):
     no_musicgen = dataclasses.replace(
         cfg, stage1=dataclasses.replace(cfg.stage1, musicgen_checkpoint="", random_musicgen=False)
     )
-    with pytest.raises(ConfigError) as err:
-        evaluate.load_model(no_musicgen, tmp / "run")
-    message = str(err.value)
-    assert "stage1.musicgen_checkpoint" in message and "random_musicgen" in message
-    assert "\n" not in message
+    for refuse in (
+        stage1.check_musicgen_source,  # before any data is read (stage1.run)
+        # and in the one builder's init step (on an abstract model: it refuses before any write)
+        lambda c: stage1.init_fn(c)(nnx.eval_shape(stage1.model_fn(c))),
+    ):
+        with pytest.raises(ConfigError) as err:
+            refuse(no_musicgen)
+        message = str(err.value)
+        assert "stage1.musicgen_checkpoint" in message and "random_musicgen" in message
+        assert "\n" not in message
 
 
 def test_export_round_trips_through_init_from(codes_run):
