@@ -492,6 +492,7 @@ def main() -> None:
                 "stage1.synthetic_songs=8",
                 f"train.global_batch_size={args.batch}",
                 f"train.compute_dtype={dtype}",
+                "stage1.random_musicgen=true",  # step speed: the weights' values do not matter
             ]
             for mode in ("features", "codes"):
                 cfg = load_config(name, [*base, f"stage1.audio_input={mode}"])

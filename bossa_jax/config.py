@@ -369,7 +369,9 @@ class Stage1Config(Section):
     or manifest .jsonl) or synthetic (a small generated corpus under ``data_dir``). ``codes_dir``:
     the per-song codes store; ``feature_cache_dir``: per-split feature caches (built from the codes
     with ``musicgen_checkpoint`` when missing; in codes mode it also initialises the frozen
-    MusicGen). ``qformer_init``: a Q-Former checkpoint (``python -m convert.musicbert``) to start
+    MusicGen; codes mode without one (or an ``init_from`` holding MusicGen) is refused unless
+    ``random_musicgen`` asks for random MusicGen weights, for smoke runs). ``qformer_init``: a
+    Q-Former checkpoint (``python -m convert.musicbert``) to start
     from; ``init_from``: a stage-1 checkpoint (``convert.bossa`` / ``save_stage1``) to start from
     (not both). ``eval_batches``: validation batches per eval. ``feature_dtype``: how a new feature
     cache stores the features (bfloat16, float16 or float32; batches carry that dtype).
@@ -391,6 +393,7 @@ class Stage1Config(Section):
     feature_cache_dir: str = ""
     feature_dtype: str = option("bfloat16", one_of("bfloat16", "float16", "float32"))
     musicgen_checkpoint: str = ""
+    random_musicgen: bool = False
     qformer_init: str = ""
     init_from: str = ""
     synthetic_songs: int = option(8, POSITIVE)

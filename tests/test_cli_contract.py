@@ -93,6 +93,8 @@ def world(tmp_path_factory):
     model = random_module(lambda: EncodecEncoder(ENCODEC_CFG, rngs=nnx.Rngs(0)), 0)
     checkpoint.save_module(w / "encodec", model, config_section(ENCODEC_CFG))
     synthetic.write_pop909_song(w / "pop909", "001", bars=4, seed=0, audio_root=w / "audio")
+    (w / "oldrun" / "checkpoints" / "4").mkdir(parents=True)  # a training run's folder
+    (w / "oldrun" / "config.yaml").write_text("name: tiny\n")
     return w
 
 
@@ -157,6 +159,13 @@ ROWS = [
     ("musecoco", ["{w}/missing", "{w}/out", "--dtype", "float16"], "invalid choice"),
     # train.py and generate.py
     ("train", ["stage1", "--config", TINY, "train.bogus=1"], "train.bogus"),
+    ("train", ["stage1", "--config", TINY, "train.out_dir={w}/oldrun"], "--overwrite"),
+    ("train", ["stage1", "--config", TINY, "train.out_dir={w}/oldrun", "--resume", "--overwrite"],
+     "exclude each other"),
+    ("train", ["stage1", "--config", TINY, "train.out_dir={w}/new", "stage1.random_musicgen=false"],
+     "stage1.musicgen_checkpoint"),
+    ("train", ["export", "{w}/oldrun", "{w}/mydir"], "not written by bossa-jax"),
+    ("train", ["export", "{w}/mydir", "{w}/out", "--config", TINY], "not a stage-1 run"),
     ("train", [*EVAL, "--out", "{w}/mydir"], "is a folder"),
     ("train", [*EVAL, "--out", "{w}/notes.txt/r.json"], "is a file and not a folder"),
     ("train", ["stage2"], "not built yet"),

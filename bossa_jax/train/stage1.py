@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -46,7 +47,14 @@ from bossa_jax.data import feature_cache as fc
 from bossa_jax.data import pipeline as pl
 from bossa_jax.data import readers, synthetic
 from bossa_jax.errors import CheckpointError, ConfigError, DataError
-from bossa_jax.models.bossa import TRAINABLE, Stage1Model, load_stage1, stage1_loss_fn
+from bossa_jax.models.bossa import (
+    CHECKPOINT_KIND,
+    TRAINABLE,
+    Stage1Model,
+    load_stage1,
+    save_stage1,
+    stage1_loss_fn,
+)
 from bossa_jax.models.qformer import QFormer
 from bossa_jax.outputs import atomic_output
 from bossa_jax.train import loop
@@ -141,13 +149,13 @@ def _load_qformer(path: Path) -> QFormer:
 
 
 def init_fn(config: Config) -> Callable[[Stage1Model], Stage1Model]:
-    """The stage-1 ``loop.train`` init hook: writes converted weights into the sharded model.
+    """Writes converted weights into the sharded stage-1 model (part of :func:`build_model`).
 
     ``stage1.init_from`` (a stage-1 checkpoint) fills the whole model (MusicGen too when the
     checkpoint has it); ``stage1.qformer_init`` (``python -m convert.musicbert``) fills the
     Q-Former, the heads keep their fresh init (SPEC 2.3); ``stage1.musicgen_checkpoint`` fills the
-    frozen MusicGen in codes mode. Without any MusicGen source in codes mode MusicGen stays
-    randomly initialised (fine for smoke runs; a warning says so).
+    frozen MusicGen in codes mode. Codes mode without any MusicGen source is a ConfigError unless
+    ``stage1.random_musicgen`` asks for random weights (smoke runs; a warning says so).
     """
     cfg = config.stage1
 
@@ -157,6 +165,7 @@ def init_fn(config: Config) -> Callable[[Stage1Model], Stage1Model]:
             path = _require_path(cfg.init_from, "init_from", "stage-1 checkpoint")
             with _host_loading():
                 source = load_stage1(path)
+            # MusicGen too when the checkpoint has it; without it, it must come from elsewhere
             write_params(model, source, str(path), skip="musicgen")
             musicgen_loaded = source.musicgen is not None
             log.info("initialised stage 1 from %s", path)
@@ -179,13 +188,41 @@ def init_fn(config: Config) -> Callable[[Stage1Model], Stage1Model]:
                 write_params(model.musicgen, source, str(path))
                 log.info("initialised MusicGen from %s", path)
             elif not musicgen_loaded:
+                if not cfg.random_musicgen:
+                    raise _no_musicgen_error()
                 log.warning(
-                    "stage1.musicgen_checkpoint is not set: MusicGen is randomly initialised "
-                    "(fine for smoke runs only)"
+                    "stage1.random_musicgen: MusicGen is randomly initialised (fine for smoke "
+                    "runs only)"
                 )
         return model
 
     return init
+
+
+def _no_musicgen_error() -> ConfigError:
+    return ConfigError(
+        "config key 'stage1.musicgen_checkpoint': not set; codes mode runs the frozen MusicGen: "
+        "give a converted MusicGen (python -m convert.musicgen) or a stage-1 init_from that holds "
+        "one, or set stage1.random_musicgen=true for random weights (smoke runs only)"
+    )
+
+
+def check_musicgen_source(config: Config) -> None:
+    """Codes mode needs MusicGen weights or an explicit ``stage1.random_musicgen`` (checked
+    before any data is read; an ``init_from`` without MusicGen is caught when it is loaded)."""
+    cfg = config.stage1
+    if cfg.audio_input == "codes" and not (
+        cfg.musicgen_checkpoint or cfg.init_from or cfg.random_musicgen
+    ):
+        raise _no_musicgen_error()
+
+
+def build_model(config: Config) -> Stage1Model:
+    """The stage-1 model exactly as a run of ``config`` trains it: created sharded under the
+    active mesh (:func:`model_fn`), then filled from the configured checkpoints (:func:`init_fn`).
+    The one constructor of training, resume, retrieval evaluation and export (call inside
+    ``sharding.use_mesh``); trainable weights of a run are restored on top of it."""
+    return init_fn(config)(sharding.create_sharded(model_fn(config)))
 
 
 def make_loss_fn(cfg: Stage1Config, *, train: bool = True) -> LossFn:
@@ -202,9 +239,9 @@ def make_loss_fn(cfg: Stage1Config, *, train: bool = True) -> LossFn:
 
 
 def build_stage1_program(config: Config, mesh: Mesh) -> TrainProgram:
-    """Creates the stage-1 model sharded on ``mesh``, splits it by :data:`TRAINABLE` and builds
-    AdamW with the official schedule (call inside ``sharding.use_mesh``)."""
-    model = sharding.create_sharded(model_fn(config))
+    """Builds the stage-1 model on ``mesh`` (:func:`build_model`), splits it by :data:`TRAINABLE`
+    and builds AdamW with the official schedule (call inside ``sharding.use_mesh``)."""
+    model = build_model(config)
     tx = make_optimizer(config.train.optim, config.train.total_steps)
     return build_program(
         model,
@@ -540,13 +577,39 @@ def eval_data(config: Config, data: Stage1Split) -> loop.EvalFactory:
     return factory
 
 
+# --- export -------------------------------------------------------------------------------------
+def export(
+    config: Config, run_dir: str | Path, out: str | Path, *, overwrite: bool = False
+) -> Path:
+    """Writes the model of a stage-1 run (``config`` = the run's config; the latest checkpoint's
+    trainable weights on the model :func:`build_model` makes, so with the frozen MusicGen the run
+    trained with) as a stage-1 checkpoint (``save_stage1``: what ``stage1.init_from`` and stage 2
+    read; SPEC 7). ``out`` is checked before any work (bossa_jax.outputs; ``overwrite`` replaces
+    a previous stage-1 checkpoint there)."""
+    from bossa_jax.outputs import check_output
+    from bossa_jax.train import evaluate
+
+    if not loop.checkpoint_steps(run_dir):
+        raise CheckpointError(f"{run_dir}: not a stage-1 run (no checkpoints/ with a step in it)")
+    sources = [Path(run_dir) / loop.CHECKPOINT_DIR]
+    check_output(out, CHECKPOINT_KIND, folder=True, overwrite=overwrite, sources=sources)
+    model = evaluate.load_model(config, run_dir)
+    return save_stage1(out, model, overwrite=overwrite)
+
+
 # --- the run ------------------------------------------------------------------------------------
-def run(config: Config, *, resume: bool = False, mesh: Mesh | None = None) -> loop.TrainResult:
+def run(
+    config: Config, *, resume: bool = False, overwrite: bool = False, mesh: Mesh | None = None
+) -> loop.TrainResult:
     """Stage-1 training with the generic loop (logging, eval on the validation split, orbax
-    checkpoints, SIGTERM/SIGINT, non-finite stop: see :mod:`bossa_jax.train.loop`)."""
+    checkpoints, resume / overwrite, SIGTERM/SIGINT, non-finite stop: see
+    :mod:`bossa_jax.train.loop`)."""
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+    # everything that can be refused is refused before any data is read
     with sharding.use_mesh(mesh, sharding.rules_of(config.mesh)):
-        loop.check_batch_divides(config.train.global_batch_size, mesh)  # before reading any data
+        loop.check_batch_divides(config.train.global_batch_size, mesh)
+    loop.check_run_dir(config.train.out_dir, resume=resume, overwrite=overwrite)
+    check_musicgen_source(config)
     train_split = load_split(config, "train")
     evaluate = config.train.eval_every > 0 and config.stage1.eval_batches > 0
     validation = load_split(config, "validation") if evaluate else None
@@ -559,13 +622,13 @@ def run(config: Config, *, resume: bool = False, mesh: Mesh | None = None) -> lo
             )
     return loop.train(
         config,
-        model_fn=model_fn(config),
+        model_fn=functools.partial(build_model, config),
         trainable=TRAINABLE,
         loss_fn=make_loss_fn(config.stage1),
         train_data=train_data(config, train_split),
         eval_data=eval_data(config, validation) if validation is not None else None,
         eval_loss_fn=make_loss_fn(config.stage1, train=False),
         resume=resume,
+        overwrite=overwrite,
         mesh=mesh,
-        init_fn=init_fn(config),
     )
