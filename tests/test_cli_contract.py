@@ -95,6 +95,8 @@ def world(tmp_path_factory):
     synthetic.write_pop909_song(w / "pop909", "001", bars=4, seed=0, audio_root=w / "audio")
     (w / "oldrun" / "checkpoints" / "4").mkdir(parents=True)  # a training run's folder
     (w / "oldrun" / "config.yaml").write_text("name: tiny\n")
+    (w / "include5.yaml").write_text("include: 5\n")
+    (w / "latin1.yaml").write_bytes("name: caf\u00e9\n".encode("latin-1"))
     return w
 
 
@@ -157,6 +159,16 @@ ROWS = [
     ("bossa", ["{w}/missing.pt", "{w}/out", "--config", TINY], "--stage"),
     ("musecoco", ["{w}/mydir", "{w}/mydir"], "is the input"),
     ("musecoco", ["{w}/missing", "{w}/out", "--dtype", "float16"], "invalid choice"),
+    # bad configs and overrides: one line naming the key or the file, before any work
+    ("features", ["{w}/good.wav", *FEATURES, "qformer.num_attention_heads=0"],
+     "qformer.num_attention_heads"),
+    ("features", ["{w}/good.wav", *FEATURES, "musicgen.ffn_dim=-64"], "musicgen.ffn_dim"),
+    ("musicbert", ["{w}/missing.pt", "{w}/out", "--config", TINY, "qformer.hidden_size=-32"],
+     "qformer.hidden_size"),
+    ("train", ["stage1", "--config", "{w}/include5.yaml"], "include"),
+    ("train", ["stage1", "--config", "{w}/latin1.yaml"], "latin1.yaml"),
+    ("train", ["stage1", "--config", TINY, "train.optim.lr=1e-4x"], "train.optim.lr"),
+    ("train", [*EVAL, "audio.min_seconds=-1"], "audio.min_seconds"),
     # train.py and generate.py
     ("train", ["stage1", "--config", TINY, "train.bogus=1"], "train.bogus"),
     ("train", ["stage1", "--config", TINY, "train.out_dir={w}/oldrun"], "--overwrite"),
