@@ -18,14 +18,15 @@ marginal ms per token over the last 10% of its steps (how per-token time grows w
 ``--official-steps N`` times only the official loop's last N steps before each length (its prompt
 extended with random tokens, the prompt pass untimed): the per-token rate at that length, for
 machines too slow or too busy to wait for whole official runs.
-Repeats alternate torch and JAX; the table shows medians.
+Repeats alternate torch and JAX; the table shows medians. Torch runs with the faster of one
+thread and its default (measured on a warm-up).
 
 CPU (default): a MuseCoco-200m-shaped model (512 wide, 8 heads, 6 layers, FFN 2048, vocab 1253),
 fp32. ``--gpu``: the paper-size model (2048 wide, 24 heads, 24 layers, FFN 8192), random weights,
 bf16 (torch on CUDA when available); ``--gpu --smoke`` runs that code path at a tiny size on CPU.
 
 Usage: .venv/bin/python bench/sampling.py [--lengths 256 512 1000] [--batches 1 8] [--repeats 3]
-       [--official-steps N] [--gpu] [--smoke]
+       [--jax-repeats 3] [--official-steps N] [--gpu] [--smoke]
 Writes bench/results/sampling_cpu.json (sampling_gpu.json; ``_smoke`` appended with --smoke).
 """
 
@@ -185,6 +186,21 @@ def build(size: str, dtype: str, torch_dtype, device):
     return model, OfficialLoop(lm, torch_dtype, device)
 
 
+def best_torch_threads(official, prompt, prefix) -> int:
+    """Gives torch its faster thread count (1 or its default) on a short warm-up: on a busy machine
+    its default threads can be ten times slower than one."""
+    import torch
+
+    timings = {}
+    for threads in sorted({1, torch.get_num_threads()}, reverse=True):
+        torch.set_num_threads(threads)
+        _, times = official.generate(prompt, prefix.to(official.device), 6, None)
+        timings[threads] = statistics.median(b - a for a, b in zip(times[1:], times[2:]))
+    best = min(timings, key=timings.get)
+    torch.set_num_threads(best)
+    return best
+
+
 def time_jax(sampler, prompts, prefix, max_new: int) -> float:
     import jax
 
@@ -243,7 +259,7 @@ def run(args) -> dict:
     )
     logits_diff = float(np.abs(np.asarray(jax_logits) - torch_logits).max())
 
-    official.generate(prompt, torch.from_numpy(prefix_np[:1]).to(device), 4, None)  # warm-up
+    torch_threads = best_torch_threads(official, prompt, torch.from_numpy(prefix_np[:1]))
     rows = []
     for total in args.lengths:
         new = total - PROMPT_LENGTH
@@ -260,7 +276,8 @@ def run(args) -> dict:
                 time_official(official, prompt, prefix_t, total, args.official_steps, gen, rng)
             )
             for b, (ps, prefix) in batches.items():
-                jax_s[b].append(time_jax(sampler, ps, prefix, new))
+                runs = [time_jax(sampler, ps, prefix, new) for _ in range(args.jax_repeats)]
+                jax_s[b].append(statistics.median(runs))
 
         median = {k: statistics.median(r[k] for r in official_runs) for k in official_runs[0]}
         row = {
@@ -283,7 +300,12 @@ def run(args) -> dict:
         row["speedup_b1"] = row["jax_b1_tokens_per_s"] / row["official_b1_tokens_per_s"]
         rows.append(row)
         print_row(row, args.batches)
-    return {"rows": rows, "prompt_vs_torch_max_abs_logit_diff": logits_diff, "size": size}
+    return {
+        "rows": rows,
+        "prompt_vs_torch_max_abs_logit_diff": logits_diff,
+        "size": size,
+        "torch_threads": torch_threads,
+    }
 
 
 def print_row(row: dict, batches) -> None:
@@ -320,6 +342,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1000])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--jax-repeats", type=int, default=3, help="JAX runs per alternation (median kept)"
+    )
     parser.add_argument(
         "--official-steps",
         type=int,
