@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from bossa_jax.config import Config, load_config
+from bossa_jax.config import Config, QFormerConfig, load_config
 from bossa_jax.errors import CheckpointError, run_cli
 from bossa_jax.models.bossa import Stage1Model, save_stage1
 from convert.common import TensorReader, check_missing, fill, load_state_dict
@@ -151,6 +151,59 @@ def convert_stage1(
     model = _abstract_stage1(cfg, with_musicgen)
     fill(model, values, source=name)
     return model
+
+
+# -- stage 2 (SPEC 4.1, 7): the query-only Q-Former, projection and MuseCoco with LoRA ----------
+STAGE2_QFORMER_PREFIX = "blip2qformer."
+STAGE2_MUSECOCO_PREFIX = "musecoco."
+# the stage-1 parts a stage-2 file still holds but Stage2Model does not use (features mode)
+STAGE2_SKIPPED_PREFIXES = tuple(
+    STAGE2_QFORMER_PREFIX + p for p in (MUSICGEN_PREFIX, *SKIPPED_PREFIXES)
+)
+
+
+def stage2_rules(qformer: QFormerConfig) -> dict[str, Rule]:
+    """``Stage2Model`` parameter path (Q-Former side and projection) -> (official key,
+    transform): ``blip2qformer.`` + the stage-1 names minus the modules stage 2 deletes."""
+    query_only = dataclasses.replace(qformer, symbolic_branch=False)
+    prefix = STAGE2_QFORMER_PREFIX
+    rules = {
+        f"qformer.{path}": rule
+        for path, rule in official_qformer_rules(
+            query_only, prefix=f"{prefix}Qformer.", query_tokens=f"{prefix}query_tokens"
+        ).items()
+    }
+    rules["audio_layer_norm.scale"] = (f"{prefix}layer_norm.weight", _same)
+    rules["audio_layer_norm.bias"] = (f"{prefix}layer_norm.bias", _same)
+    rules["musecoco_proj.kernel"] = ("musecoco_proj.weight", _transpose)
+    rules["musecoco_proj.bias"] = ("musecoco_proj.bias", _same)
+    return rules
+
+
+def stage2_values(
+    tensors: Mapping[str, np.ndarray], model: Any, *, source: str
+) -> dict[str, np.ndarray]:
+    """Official stage-2 tensors -> values of ``model`` (an abstract ``Stage2Model`` without
+    MusicGen) by dotted path. ``blip2qformer.ln_audio`` is renamed as the notebook does."""
+    from convert.musecoco import TensorSource, source_to_flax
+
+    renamed = {
+        key.replace(f"{STAGE2_QFORMER_PREFIX}ln_audio.", f"{STAGE2_QFORMER_PREFIX}layer_norm."): v
+        for key, v in tensors.items()
+    }
+    reader = TensorReader(renamed, source)
+    rules = stage2_rules(model.cfg)
+    check_missing(renamed, [key for key, _ in rules.values()], source=source)
+    values = values_from_official(model, reader, rules, source=source)
+    musecoco = TensorSource(renamed, STAGE2_MUSECOCO_PREFIX)
+    musecoco.name = f"{source} [{STAGE2_MUSECOCO_PREFIX}*]"
+    for path, value in source_to_flax(musecoco, model.musecoco).items():
+        values[f"musecoco.{path}"] = value
+    reader.check_unused(
+        ignore_prefixes=STAGE2_SKIPPED_PREFIXES + (STAGE2_MUSECOCO_PREFIX,),
+        ignore_suffixes=SKIPPED_KEYS,
+    )
+    return values
 
 
 def main(argv: Sequence[str]) -> int:

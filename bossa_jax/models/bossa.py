@@ -74,6 +74,27 @@ def _head(in_features: int, out_features: int, rngs: nnx.Rngs) -> Linear:
     )
 
 
+def normalised_features(
+    musicgen: MusicgenFeatures | None,
+    audio_layer_norm: LayerNorm,
+    *,
+    codes: jax.Array | None = None,
+    features: jax.Array | None = None,
+    owner: str = "model",
+) -> jax.Array:
+    """Frozen MusicGen features through BOSSA's audio LayerNorm (SPEC 1.3), stages 1 and 2:
+    from ``codes`` (B, 4, T) through ``musicgen`` or from cached raw ``features``
+    (B, T + 4, encoder_width); exactly one of them."""
+    if (codes is None) == (features is None):
+        raise ValueError(f"{owner}: give exactly one of codes or features")
+    if codes is not None:
+        if musicgen is None:
+            raise ValueError(f"{owner}: built without MusicGen; pass cached features")
+        features = musicgen(codes)
+    # MusicGen is frozen: no gradient ever flows into it or through its output
+    return audio_layer_norm(jax.lax.stop_gradient(features))
+
+
 class Stage1Model(nnx.Module):
     """Stage 1 of BOSSA (see the module docstring). ``dtype`` is the Q-Former compute dtype
     (None: fp32); MusicGen's dtype comes from its config."""
@@ -124,14 +145,13 @@ class Stage1Model(nnx.Module):
 
         Give ``codes`` (B, 4, T) EnCodec codes (needs ``musicgen``) or cached ``features``
         (B, T + 4, encoder_width), the raw MusicGen output before BOSSA's LayerNorm."""
-        if (codes is None) == (features is None):
-            raise ValueError("Stage1Model: give exactly one of codes or features")
-        if codes is not None:
-            if self.musicgen is None:
-                raise ValueError("Stage1Model: built without MusicGen; pass cached features")
-            features = self.musicgen(codes)
-        # MusicGen is frozen: no gradient ever flows into it or through its output
-        return self.audio_layer_norm(jax.lax.stop_gradient(features))
+        return normalised_features(
+            self.musicgen,
+            self.audio_layer_norm,
+            codes=codes,
+            features=features,
+            owner="Stage1Model",
+        )
 
     # -- the two unimodal encoders (SPEC 3.1) ------------------------------------------------
 
