@@ -145,7 +145,11 @@ def _error_line(cli, capsys, argv) -> str:
             "/nonexistent/pop909 not found",
         ),  # fmt: skip
         (["stage1", "--config", "configs/missing.yaml"], "config file not found"),
-        (["stage2"], "not built yet"),
+        (["stage2"], "--config"),
+        (
+            ["stage2", "--config", "configs/tiny.yaml", "stage2.train.global_batch_size=6"],
+            "'stage2.train.global_batch_size': 6 is not divisible",
+        ),
         ([], "give a command"),
         (["stage1"], "--config"),
     ],

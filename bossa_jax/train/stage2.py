@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 
 from bossa_jax import sharding
 from bossa_jax.config import Config, Stage2Config
+from bossa_jax.errors import ConfigError
 from bossa_jax.models.arranger import (
     IGNORE_INDEX,
     TRAINABLE_SETS,
@@ -46,6 +47,7 @@ from bossa_jax.models.arranger import (
 from bossa_jax.models.bossa import load_stage1
 from bossa_jax.models.musecoco import load_musecoco
 from bossa_jax.train import loop, losses
+from bossa_jax.train.optim import make_optimizer
 from bossa_jax.train.stage1 import (
     _host_loading,
     _require_path,
@@ -57,7 +59,7 @@ from bossa_jax.train.stage1 import (
     train_data,
     write_params,
 )
-from bossa_jax.train.step import Filter, LossFn
+from bossa_jax.train.step import Filter, LossFn, TrainProgram, build_program
 
 log = logging.getLogger("bossa_jax.train")
 
@@ -199,6 +201,22 @@ def make_loss_fn(cfg: Stage2Config, *, train: bool = True) -> LossFn:
     return loss_fn
 
 
+def build_stage2_program(config: Config, mesh: Mesh) -> TrainProgram:
+    """Creates the stage-2 model sharded on ``mesh`` (random weights: :func:`init_fn` is the
+    loop's), splits it by the trainable filter and builds AdamW with ``stage2.train.optim``
+    (call inside ``sharding.use_mesh``)."""
+    train_cfg = config.stage2.train
+    model = sharding.create_sharded(model_fn(config))
+    return build_program(
+        model,
+        trainable(config.stage2),
+        make_loss_fn(config.stage2),
+        make_optimizer(train_cfg.optim, train_cfg.total_steps),
+        mesh,
+        compute_dtype=jnp.dtype(train_cfg.compute_dtype),
+    )
+
+
 # --- the run ------------------------------------------------------------------------------------
 def run(config: Config, *, resume: bool = False, mesh: Mesh | None = None) -> loop.TrainResult:
     """Stage-2 training with the generic loop on ``stage2.train`` (see the module docstring)."""
@@ -206,7 +224,10 @@ def run(config: Config, *, resume: bool = False, mesh: Mesh | None = None) -> lo
     train_cfg = run_config.train
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
     with sharding.use_mesh(mesh, sharding.rules_of(config.mesh)):
-        loop.check_batch_divides(train_cfg.global_batch_size, mesh)  # before reading any data
+        try:  # before reading any data
+            loop.check_batch_divides(train_cfg.global_batch_size, mesh)
+        except ConfigError as err:  # the loop names its own section: name stage 2's
+            raise ConfigError(str(err).replace("'train.", "'stage2.train.", 1)) from err
     train_split = load_split(run_config, "train")
     evaluate = train_cfg.eval_every > 0 and config.stage2.eval_batches > 0
     validation = load_split(run_config, "validation") if evaluate else None
