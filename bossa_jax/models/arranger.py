@@ -28,16 +28,19 @@ matrices and the projection: 117,348,864 parameters at paper size) and :data:`TR
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bossa_jax import checkpoint
 from bossa_jax.config import MuseCocoConfig, MusicgenConfig, QFormerConfig
-from bossa_jax.layers import LayerNorm, Linear
-from bossa_jax.models.bossa import AUDIO_LN_EPS, _torch_linear_init, normalised_features
+from bossa_jax.errors import CheckpointError
+from bossa_jax.layers import Linear
+from bossa_jax.models.bossa import _torch_linear_init, audio_front, normalised_features
 from bossa_jax.models.musecoco import MuseCoco
-from bossa_jax.models.musicgen import MusicgenFeatures
 from bossa_jax.models.qformer import QFormer
 
 POSITION_START = 61  # token index of the first <sep>: positions start there (SPEC 4.3)
@@ -69,16 +72,10 @@ class Stage2Model(nnx.Module):
         dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):
-        if musicgen is not None and musicgen.hidden_size != qformer.encoder_width:
-            raise ValueError(
-                f"Stage2Model: qformer.encoder_width ({qformer.encoder_width}) must equal "
-                f"musicgen.hidden_size ({musicgen.hidden_size})"
-            )
         qformer = dataclasses.replace(qformer, symbolic_branch=False)
         self.cfg = qformer
-        self.musicgen = MusicgenFeatures(musicgen, rngs=rngs) if musicgen is not None else None
-        self.audio_layer_norm = LayerNorm(
-            qformer.encoder_width, eps=AUDIO_LN_EPS, axis_name="feature"
+        self.musicgen, self.audio_layer_norm = audio_front(
+            qformer, musicgen, owner="Stage2Model", rngs=rngs
         )
         self.qformer = QFormer(qformer, dtype=dtype, rngs=rngs)
         init = _torch_linear_init(qformer.hidden_size)
@@ -162,3 +159,31 @@ def stage2_labels(
     )
     left = jnp.full((tokens.shape[0], num_queries), IGNORE_INDEX, labels.dtype)
     return jnp.concatenate([left, labels], axis=1).astype(jnp.int32)
+
+
+def save_stage2(path: str | os.PathLike, model: Stage2Model) -> Path:
+    """Writes a stage-2 model (parameters + the configs that build it) as a bossa-jax checkpoint;
+    the MusicGen section is None when the model was built without MusicGen."""
+    config = {
+        "name": "bossa_stage2",
+        "qformer": dataclasses.asdict(model.cfg),
+        "musecoco": dataclasses.asdict(model.musecoco.cfg),
+        "musicgen": None if model.musicgen is None else dataclasses.asdict(model.musicgen.cfg),
+    }
+    return checkpoint.save_module(path, model, config)
+
+
+def load_stage2(path: str | os.PathLike, *, dtype: jnp.dtype | None = None) -> Stage2Model:
+    """Restores a checkpoint written by :func:`save_stage2` (e.g. by ``python -m convert.bossa
+    --stage 2``). ``dtype`` is the Q-Former compute dtype of the rebuilt model."""
+    stored = checkpoint.read_config(path)
+    if stored.get("name") != "bossa_stage2":
+        raise CheckpointError(f"{path}: not a BOSSA stage-2 checkpoint")
+    qcfg = checkpoint.read_section(path, "qformer", QFormerConfig)
+    mcfg = checkpoint.read_section(path, "musecoco", MuseCocoConfig)
+    gcfg = None
+    if stored.get("musicgen") is not None:
+        gcfg = checkpoint.read_section(path, "musicgen", MusicgenConfig)
+    return checkpoint.load_module(
+        path, lambda: Stage2Model(qcfg, mcfg, gcfg, dtype=dtype, rngs=nnx.Rngs(0))
+    )

@@ -74,6 +74,20 @@ def _head(in_features: int, out_features: int, rngs: nnx.Rngs) -> Linear:
     )
 
 
+def audio_front(
+    qformer: QFormerConfig, musicgen: MusicgenConfig | None, *, owner: str, rngs: nnx.Rngs
+) -> tuple[MusicgenFeatures | None, LayerNorm]:
+    """The audio side of both stages: the frozen MusicGen (None when features come from a cache)
+    and BOSSA's trainable audio LayerNorm over its features (SPEC 1.3)."""
+    if musicgen is not None and musicgen.hidden_size != qformer.encoder_width:
+        raise ValueError(
+            f"{owner}: qformer.encoder_width ({qformer.encoder_width}) must equal "
+            f"musicgen.hidden_size ({musicgen.hidden_size})"
+        )
+    frozen = MusicgenFeatures(musicgen, rngs=rngs) if musicgen is not None else None
+    return frozen, LayerNorm(qformer.encoder_width, eps=AUDIO_LN_EPS, axis_name="feature")
+
+
 def normalised_features(
     musicgen: MusicgenFeatures | None,
     audio_layer_norm: LayerNorm,
@@ -108,15 +122,9 @@ class Stage1Model(nnx.Module):
         dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):
-        if musicgen is not None and musicgen.hidden_size != qformer.encoder_width:
-            raise ValueError(
-                f"Stage1Model: qformer.encoder_width ({qformer.encoder_width}) must equal "
-                f"musicgen.hidden_size ({musicgen.hidden_size})"
-            )
         self.cfg = qformer
-        self.musicgen = MusicgenFeatures(musicgen, rngs=rngs) if musicgen is not None else None
-        self.audio_layer_norm = LayerNorm(
-            qformer.encoder_width, eps=AUDIO_LN_EPS, axis_name="feature"
+        self.musicgen, self.audio_layer_norm = audio_front(
+            qformer, musicgen, owner="Stage1Model", rngs=rngs
         )
         self.qformer = QFormer(qformer, dtype=dtype, rngs=rngs)
         d = qformer.hidden_size

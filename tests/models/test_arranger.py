@@ -23,10 +23,12 @@ from bossa_jax.models.arranger import (
     TRAINABLE_OFFICIAL,
     TRAINABLE_PAPER,
     Stage2Model,
+    load_stage2,
     stage2_labels,
 )
 from bossa_jax.symbolic import remi
 from bossa_jax.train.stage2 import stage2_loss
+from convert.bossa import main as convert_main
 from convert.bossa import stage2_values
 from convert.common import fill, param_paths
 from tests.models.test_bossa import ref_config
@@ -211,3 +213,28 @@ def test_trainable_sets_at_paper_size():
     frozen_base = nnx.All(nnx.Param, nnx.PathContains("musecoco"), nnx.Not(nnx.LoRAParam))
     assert count(frozen_base) == 1_212_161_472  # SPEC 4.5, none of it trainable
     assert count(nnx.All(frozen_base, TRAINABLE_OFFICIAL)) == 0
+
+
+def test_official_stage2_file_converts_and_round_trips(reference, batch, tmp_path):
+    """A ``bossa_stage2.pt``-layout file (the torch reference's state dict, LAVIS ``ln_audio``
+    name included) -> ``python -m convert.bossa --stage 2`` -> ``load_stage2``: same logits."""
+    tensors = {k: torch.from_numpy(v) for k, v in state_dict(reference).items()}
+    for name in ("weight", "bias"):  # the notebook renames ln_audio -> layer_norm on load
+        tensors[f"blip2qformer.ln_audio.{name}"] = tensors.pop(f"blip2qformer.layer_norm.{name}")
+    torch.save(tensors, tmp_path / "bossa_stage2.pt")
+    out = tmp_path / "converted"
+    argv = [str(tmp_path / "bossa_stage2.pt"), str(out), "--stage", "2", "--config", "tiny"]
+    assert convert_main([*argv, "--no-musicgen", "qformer.num_hidden_layers=2"]) == 0
+    model = load_stage2(out)
+    assert model.musicgen is None and model.musecoco.cfg.lora_rank == M.lora_rank
+    with torch.no_grad():
+        expected, _, _ = reference(
+            t(batch["features"]),
+            t(batch["audio_mask"]),
+            t(batch["tokens"]),
+            t(batch["control_mask"]),
+            t(batch["pad_mask"]),
+        )
+    np.testing.assert_allclose(
+        np.asarray(forward(model, batch)), expected.numpy(), atol=TOL, rtol=0
+    )
