@@ -6,6 +6,7 @@ run."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -206,3 +207,46 @@ def test_resume_after_sigkill_matches_uninterrupted_run(corpus, tmp_path):
     assert want.keys() == got.keys()
     for key, value in want.items():
         np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-5, err_msg=key)
+
+
+def test_init_from_stage1_and_musecoco_checkpoints(corpus, tmp_path):
+    """``stage2.init_from`` fills the audio LN and the query branch from a stage-1 checkpoint
+    (its symbolic parameters unused); ``stage2.musecoco_checkpoint`` (no adapters) fills the
+    MuseCoco base and leaves LoRA at its init (B = 0)."""
+    from flax import nnx
+
+    from bossa_jax.models.arranger import Stage2Model
+    from bossa_jax.models.bossa import Stage1Model, save_stage1
+    from bossa_jax.models.musecoco import MuseCoco, save_musecoco
+    from convert.common import param_paths
+
+    cfg = tiny_config(corpus)
+    stage1_model = Stage1Model(cfg.qformer, None, rngs=nnx.Rngs(11))
+    base = MuseCoco(dataclasses.replace(cfg.musecoco, lora=False), rngs=nnx.Rngs(12))
+    stage1_model.audio_layer_norm.scale[...] = 2.0  # off its init, so the copy shows
+    save_stage1(tmp_path / "s1", stage1_model)
+    save_musecoco(tmp_path / "mc", base)
+    cfg = tiny_config(
+        corpus,
+        f"stage2.init_from={tmp_path / 's1'}",
+        f"stage2.musecoco_checkpoint={tmp_path / 'mc'}",
+    )
+    model = Stage2Model(cfg.qformer, cfg.musecoco, None, rngs=nnx.Rngs(0))
+    lora_a = {k: np.asarray(v[...]) for k, v in param_paths(model).items() if k.endswith("lora.a")}
+    model = stage2.init_fn(cfg)(model)
+    got = {k: np.asarray(v[...]) for k, v in param_paths(model).items()}
+    want = {f"qformer.{k}": v for k, v in param_paths(stage1_model.qformer).items()}
+    want.update({f"musecoco.{k}": v for k, v in param_paths(base).items()})
+    want["audio_layer_norm.scale"] = stage1_model.audio_layer_norm.scale
+    written = 0
+    for key, value in got.items():
+        if key in want:
+            np.testing.assert_array_equal(value, np.asarray(want[key][...]), err_msg=key)
+            written += 1
+        elif key.endswith("lora.b"):
+            assert not value.any(), key
+        elif key.endswith("lora.a"):
+            np.testing.assert_array_equal(value, lora_a[key], err_msg=key)
+        else:
+            assert key.startswith(("musecoco_proj", "audio_layer_norm.bias")), key
+    assert written > 20
