@@ -3,7 +3,7 @@
     train.py stage1 --config FILE [key=value ...] [--resume] [--synthetic N]
                     [--coordinator HOST:PORT --num-processes N --process-id I]
     train.py eval-retrieval --config FILE --checkpoint DIR [--pairs 128] [--rounds 10]
-                    [--seed 0] [--augment] [--out report.json] [key=value ...]
+                    [--seed 0] [--augment] [--out report.json] [--overwrite] [key=value ...]
     train.py stage2 --config FILE [key=value ...] [--resume]
                     [--coordinator HOST:PORT --num-processes N --process-id I]
 
@@ -34,15 +34,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from bossa_jax.cli import ArgumentParser as _Parser
+from bossa_jax.cli import add_output_options
 from bossa_jax.errors import BossaError, run_cli
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one-line BossaErrors (exit 2 through run_cli)."""
-
-    def error(self, message: str) -> None:
-        raise BossaError(f"{self.prog}: {message} (see --help)")
-
 
 COMMANDS = ("stage1", "eval-retrieval", "stage2")
 
@@ -73,6 +67,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--augment", action="store_true", help="transpose the symbolic side")
         parser.add_argument("--out", default="retrieval_report.json")
+        add_output_options(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
@@ -122,8 +117,11 @@ def stage2_main(args: argparse.Namespace) -> int:
 
 def eval_main(args: argparse.Namespace) -> int:
     from bossa_jax.config import load_config
+    from bossa_jax.outputs import check_output
     from bossa_jax.train import evaluate, stage1
 
+    kind = "retrieval report"
+    check_output(args.out, kind, folder=False, overwrite=args.overwrite, sources=[args.config])
     config = load_config(args.config, _overrides(args))
     options = evaluate.RetrievalOptions(args.pairs, args.rounds, args.seed, args.augment)
     data = stage1.load_split(config, "test")

@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bossa_jax.audio import CLIP_FRAMES, PATTERN_EXTRA  # noqa: E402
 from bossa_jax.config import EncodecConfig, MusicgenConfig  # noqa: E402
 from bossa_jax.models.encodec import encode_fn  # noqa: E402
 from bossa_jax.models.musicgen import apply_features, delay_pattern, forward_flops  # noqa: E402
@@ -56,7 +57,7 @@ from convert.encodec import convert_encodec  # noqa: E402
 from convert.musicgen import convert_musicgen  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-CLIP_FRAMES, STEPS = 508, 512
+STEPS = CLIP_FRAMES + PATTERN_EXTRA
 CLIP_SAMPLES = CLIP_FRAMES * 640
 SMALL = dict(hidden_size=1024, num_attention_heads=16, ffn_dim=4096)
 PAPER = dict(hidden_size=2048, num_attention_heads=32, ffn_dim=8192)

@@ -175,6 +175,16 @@ def audio_duration(path: str | os.PathLike) -> float:
     return probe.source_frames / probe.source_rate
 
 
+def check_audio(
+    path: str | os.PathLike, *, sample_rate: int = SAMPLE_RATE, clip_frames: int = CLIP_FRAMES
+) -> float:
+    """The one rule every command applies to an audio input before any model work: the file
+    decodes, lasts at least MIN_SECONDS, and its default clip window (the one :func:`load_clip`
+    cuts) has finite samples with music in it. Returns the duration in seconds."""
+    load_clip(path, sample_rate=sample_rate, clip_frames=clip_frames)
+    return audio_duration(path)
+
+
 def _resampled_length(source_frames: int, source_rate: int, sample_rate: int) -> int:
     """soxr's output length, round(n * sample_rate / source_rate), in exact integer arithmetic."""
     return (2 * source_frames * sample_rate + source_rate) // (2 * source_rate)
@@ -263,9 +273,8 @@ def load_clip(
             if not math.isfinite(centre_seconds):
                 raise ValueError(f"centre_seconds must be finite: {centre_seconds}")
             centre_frame = math.floor(centre_seconds * FRAME_RATE)
-    start_frame = int(centre_frame) - clip_frames // 2
-    start_frame = max(0, min(start_frame, total_frames - clip_frames))
-    stop_frame = min(start_frame + clip_frames, total_frames)
+    start_frame, valid = clip_placement(int(centre_frame), total_frames, clip_frames)
+    stop_frame = start_frame + valid
 
     start = start_frame * hop
     stop = min(stop_frame * hop, total_samples)
@@ -289,6 +298,17 @@ def load_clip(
         start_seconds=start_frame / FRAME_RATE,
         path=probe.path,
     )
+
+
+def clip_placement(
+    centre_frame: int, total_frames: int, clip_frames: int = CLIP_FRAMES
+) -> tuple[int, int]:
+    """(first frame, valid frames) of the ``clip_frames`` window starting at
+    ``centre_frame - clip_frames // 2``, clamped into a file of ``total_frames`` (SPEC 1.1
+    inference clamp, our default per SPEC 10.12); a shorter file gives (0, total_frames). The one
+    placement rule of audio clips, codes clips and training windows."""
+    start = max(0, min(centre_frame - clip_frames // 2, total_frames - clip_frames))
+    return start, min(clip_frames, total_frames - start)
 
 
 def clip_mask(

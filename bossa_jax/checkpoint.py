@@ -28,10 +28,19 @@ PARAMS_DIR = "params"
 CONFIG_FILE = "config.yaml"
 
 
-def save_module(path: str | os.PathLike, module: nnx.Module, config: dict[str, Any]) -> Path:
-    """Writes ``module``'s parameters and ``config`` (plain data) to directory ``path``."""
+def save_module(
+    path: str | os.PathLike,
+    module: nnx.Module,
+    config: dict[str, Any],
+    *,
+    kind: str = "checkpoint",
+    overwrite: bool = False,
+) -> Path:
+    """Writes ``module``'s parameters and ``config`` (plain data) to directory ``path``, a ``kind``
+    output that replaces only an empty folder or, with ``overwrite``, a previous ``kind``
+    (bossa_jax.outputs)."""
     state = nnx.to_pure_dict(nnx.state(module, nnx.Param))
-    with atomic_output(path) as tmp:
+    with atomic_output(path, kind=kind, overwrite=overwrite) as tmp:
         tmp.mkdir()
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         with ocp.StandardCheckpointer() as ckptr:

@@ -2,11 +2,15 @@
 
 A YAML file may name a base with ``include: other.yaml`` (relative to the file; a list is merged in
 order); its own keys override the base's, recursively. Command-line overrides use dotted keys
-(``musicgen.keep_layers=4``) and YAML values. Every unknown key, wrong type or impossible value
-raises a :class:`~bossa_jax.errors.ConfigError` that names the dotted key.
+(``musicgen.keep_layers=4``) and YAML values (a string field takes its text as it is). Every
+unknown key, wrong type or impossible value raises a :class:`~bossa_jax.errors.ConfigError` that
+names the dotted key, when the config is loaded; every bad file names the file.
 
-Later issues add their sections (Q-Former, MuseCoco, training, data, sampling) as new dataclasses
-and fields of :class:`Config`.
+Sections are frozen dataclasses deriving :class:`Section`. Each numeric or choice field is declared
+with :func:`option` and its :class:`Check` (``POSITIVE``, ``NON_NEGATIVE``, ``PROBABILITY``, ...),
+which the one :meth:`Section.validate` applies; ``official=`` marks the value that reproduces the
+official code (``configs/official.yaml`` sets them all). New sections are new fields of
+:class:`Config`.
 """
 
 from __future__ import annotations
@@ -365,7 +369,8 @@ class Stage1Config(Section):
     with ``musicgen_checkpoint`` when missing; in codes mode it also initialises the frozen
     MusicGen). ``qformer_init``: a Q-Former checkpoint (``python -m convert.musicbert``) to start
     from; ``init_from``: a stage-1 checkpoint (``convert.bossa`` / ``save_stage1``) to start from
-    (not both). ``eval_batches``: validation batches per eval.
+    (not both). ``eval_batches``: validation batches per eval. ``feature_dtype``: how a new feature
+    cache stores the features (bfloat16, float16 or float32; batches carry that dtype).
 
     Official behaviour (``configs/official.yaml`` sets all of it): ``field_mean`` the ITG per-field
     mean, "valid" (default: over the valid targets) or "official" (over every slot, SPEC 10.13);
@@ -382,6 +387,7 @@ class Stage1Config(Section):
     split_file: str = ""
     codes_dir: str = ""
     feature_cache_dir: str = ""
+    feature_dtype: str = option("bfloat16", one_of("bfloat16", "float16", "float32"))
     musicgen_checkpoint: str = ""
     qformer_init: str = ""
     init_from: str = ""

@@ -8,6 +8,7 @@ prints that line to stderr and exits non-zero; ``--debug`` shows the traceback i
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -39,6 +40,11 @@ class DataError(BossaError):
     """A dataset layout, manifest or split that cannot be read."""
 
 
+class OutputError(BossaError):
+    """An output path that cannot be written, or whose writing would replace what the program did
+    not write (bossa_jax.outputs)."""
+
+
 def one_line(message: str) -> str:
     """Folds a message onto one line (library errors sometimes carry newlines)."""
     return " ".join(str(message).split())
@@ -48,7 +54,8 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
     """Runs an entry point: a BossaError becomes one line on stderr and exit code 2.
 
     ``--debug`` anywhere in argv is removed before ``main`` sees it and makes errors re-raise with
-    their traceback. KeyboardInterrupt exits 130 without a traceback.
+    their traceback. KeyboardInterrupt exits 130 without a traceback; a closed stdout pipe exits 141
+    quietly.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
@@ -63,4 +70,18 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        _exit_on_closed_stdout()
+    try:  # output still buffered can meet a closed pipe too
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _exit_on_closed_stdout()
     sys.exit(code or 0)
+
+
+def _exit_on_closed_stdout() -> None:
+    """The reader of stdout went away (``... | head``): stop quietly with SIGPIPE's status, as Unix
+    tools do. stdout points at /dev/null so the interpreter's final flush cannot complain."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(128 + 13)

@@ -22,16 +22,18 @@ atomically: nothing is left behind on failure.
 Command::
 
     python -m bossa_jax.features AUDIO_OR_NPY... --out feats.npz --musicgen CKPT \\
-        [--encodec CKPT] [--config configs/paper.yaml] [--batch-size 8] [key=value ...]
+        [--encodec CKPT] [--config configs/paper.yaml] [--batch-size 8] [--overwrite]
+        [key=value ...]
 
 ``--out`` ending in ``.npz`` writes one archive (``codes``, ``features``, ``masks``, ``files``);
 any other path becomes a directory with ``codes.npy``, ``features.npy`` (written as it goes, so
-large runs never hold all features in memory), ``masks.npy`` and ``files.txt``.
+large runs never hold all features in memory), ``masks.npy`` and ``files.txt``. The output is
+checked before any work (bossa_jax.outputs): an existing one is replaced only with ``--overwrite``
+and a folder the command did not write never is.
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import functools
@@ -47,12 +49,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from bossa_jax import audio, sharding
+from bossa_jax.cli import ArgumentParser, add_output_options
 from bossa_jax.config import Config, load_config
 from bossa_jax.errors import ConfigError, DataError, run_cli
 from bossa_jax.models.musicgen import MusicgenFeatures, apply_features, load_musicgen
-from bossa_jax.outputs import atomic_output
+from bossa_jax.outputs import atomic_output, check_output
 
 CODES_SUFFIX = ".npy"
+OUTPUT_KIND = "features"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +75,11 @@ class _Item:
     samples: np.ndarray | None  # (clip_samples,) zero-padded, for audio inputs
     codes: np.ndarray | None  # (4, clip_frames) padded, for code inputs
     valid_frames: int
+
+
+def is_archive(out: str | os.PathLike) -> bool:
+    """Whether ``--out`` names one .npz archive (else a folder of .npy files)."""
+    return Path(out).suffix.lower() == ".npz"
 
 
 def is_codes_file(path: str | os.PathLike) -> bool:
@@ -110,15 +119,20 @@ def load_codes(
             f"{file}: codes must be in [0, {special_id - 1}], found {codes.min()}..{codes.max()}"
         )
     total = codes.shape[1]
-    start = max(0, min(total // 2 - clip_frames // 2, total - clip_frames))
-    clip = codes[:, start : start + clip_frames].astype(np.int32)
+    start, valid = audio.clip_placement(total // 2, total, clip_frames)
+    clip = codes[:, start : start + valid].astype(np.int32)
     return audio.pad_codes(clip, clip_frames, special_id), clip.shape[1]
 
 
-def _check_input(path: str, cfg: Config) -> None:
-    """Cheap validation before any model work: headers for audio, the whole array for codes."""
+def _check_input(path: str, cfg: Config, decode: bool) -> None:
+    """Validation before any model work: the whole array for codes; for audio the header, or with
+    ``decode`` the clip window too (:func:`audio.check_audio`: silence, non-finite samples)."""
     if is_codes_file(path):
         _load_codes_item(path, cfg)
+    elif decode:
+        audio.check_audio(
+            path, sample_rate=cfg.encodec.sampling_rate, clip_frames=cfg.audio.clip_frames
+        )
     else:
         audio.audio_duration(path)
 
@@ -174,12 +188,18 @@ def place(module: nnx.Module, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
     return graphdef, jax.device_put(state, sharding.named_shardings(state, mesh))
 
 
-def check_inputs(paths: Sequence[str], cfg: Config, *, has_encodec: bool) -> None:
-    """Validates every input (headers, code arrays); audio needs an EnCodec model."""
+def check_inputs(
+    paths: Sequence[str], cfg: Config, *, has_encodec: bool, decode: bool = False
+) -> None:
+    """Validates every input (headers, code arrays; with ``decode`` also each audio clip's
+    samples, on a few threads); audio needs an EnCodec model. The first bad input raises."""
     for path in paths:
         if not is_codes_file(path) and not has_encodec:
             raise ConfigError(f"{path}: audio input needs an EnCodec checkpoint (--encodec)")
-        _check_input(path, cfg)
+    check = functools.partial(_check_input, cfg=cfg, decode=decode)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in pool.map(check, paths):  # results in input order: the first bad file raises
+            pass
 
 
 class FeatureExtractor:
@@ -310,16 +330,17 @@ def write_features(
     extractor: FeatureExtractor,
     *,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Runs ``extractor`` over ``paths`` and writes ``out`` atomically (.npz archive or a
-    directory of .npy files, see the module docstring)."""
+    directory of .npy files, see the module docstring); ``overwrite`` replaces a previous one."""
     out = Path(out)
     paths = [str(p) for p in paths]
     if not paths:
         raise DataError("no input files given")
-    if out.suffix.lower() == ".npz":
+    if is_archive(out):
         result = extract_features(paths, extractor, progress=progress)
-        with atomic_output(out) as tmp:
+        with atomic_output(out, kind=OUTPUT_KIND, overwrite=overwrite) as tmp:
             with open(tmp, "wb") as handle:
                 np.savez(
                     handle,
@@ -331,7 +352,7 @@ def write_features(
         return out
     n = len(paths)
     steps = extractor.clip_frames + 4
-    with atomic_output(out) as tmp:
+    with atomic_output(out, kind=OUTPUT_KIND, overwrite=overwrite) as tmp:
         tmp.mkdir()
         codes = np.full((n, extractor.num_codebooks, extractor.clip_frames), 0, np.int32)
         masks = np.zeros((n, steps), np.float32)
@@ -385,7 +406,7 @@ def random_extractor(cfg: Config, *, seed: int, batch_size: int) -> FeatureExtra
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m bossa_jax.features",
         description="Audio files (or EnCodec codes .npy) -> MusicGen features (SPEC 1.1-1.3).",
     )
@@ -400,17 +421,23 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--config", default=None, help="config YAML (e.g. configs/paper.yaml)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_intermixed_args(argv)
+    add_output_options(parser)
+    args = parser.parse_args(argv)
     overrides = [a for a in args.inputs if "=" in a and not Path(a).exists()]
     paths = [a for a in args.inputs if a not in overrides]
+    sources = [*paths, *(p for p in (args.musicgen, args.encodec, args.config) if p is not None)]
+    check_output(
+        args.out, OUTPUT_KIND, folder=not is_archive(args.out), overwrite=args.overwrite,
+        sources=sources,
+    )  # fmt: skip
     cfg = load_config(args.config, overrides)
     if not paths:
         raise DataError("no input files given")
     random_init = args.random_init is not None
     if not random_init and args.musicgen is None:
         raise ConfigError("give --musicgen CHECKPOINT (or --random-init SEED for a smoke test)")
-    # check inputs before loading checkpoints: a typo costs nothing
-    check_inputs(paths, cfg, has_encodec=args.encodec is not None or random_init)
+    # check inputs (decoding each clip: silence too) before loading checkpoints
+    check_inputs(paths, cfg, has_encodec=args.encodec is not None or random_init, decode=True)
     if random_init:
         print(f"random weights (seed {args.random_init}): features are for smoke tests only")
         extractor = random_extractor(cfg, seed=args.random_init, batch_size=args.batch_size)
@@ -419,7 +446,9 @@ def main(argv: Sequence[str]) -> int:
             cfg, musicgen_path=args.musicgen, encodec_path=args.encodec,
             batch_size=args.batch_size,
         )  # fmt: skip
-    out = write_features(args.out, paths, extractor, progress=not args.no_progress)
+    out = write_features(
+        args.out, paths, extractor, progress=not args.no_progress, overwrite=args.overwrite
+    )
     print(f"wrote {out}: {len(paths)} clips")
     return 0
 

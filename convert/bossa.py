@@ -13,8 +13,9 @@ The file is the plain ``state_dict()`` of the official ``Blip2Qformer`` (SPEC 7 
   official-name table; ``Qformer.bert.embeddings.position_ids`` is a buffer and
   ``Qformer.cls.predictions.bias`` the same tensor as ``...decoder.bias`` (checked, then skipped).
 * ``layer_norm``, ``audio_proj``, ``symbo_proj``, ``binary_head``, ``temp``: the audio LayerNorm and
-  the heads. The LAVIS names the official loaders also accept (``ln_audio``, ``vision_proj``,
-  ``text_proj``, ``itm_head``) are renamed first, as ``Blip2Musecoco`` does (SPEC 4.1).
+  the heads; the projection width (256 in the paper) is read off ``audio_proj.weight``. The LAVIS
+  names the official loaders also accept (``ln_audio``, ``vision_proj``, ``text_proj``,
+  ``itm_head``) are renamed first, as ``Blip2Musecoco`` does (SPEC 4.1).
 
 Every missing key and every key neither used nor deliberately skipped is reported by name; a wrong
 shape names the official key. ``--no-musicgen`` builds the model without MusicGen (features from a
@@ -29,7 +30,6 @@ stage 2 deletes (SPEC 4.1: the query-only Q-Former, ``blip2qformer.layer_norm`` 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,13 +38,16 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from bossa_jax.cli import ArgumentParser, add_output_options
 from bossa_jax.config import Config, QFormerConfig, load_config
 from bossa_jax.errors import CheckpointError, run_cli
+from bossa_jax.models.arranger import CHECKPOINT_KIND as STAGE2_CHECKPOINT_KIND
 from bossa_jax.models.arranger import Stage2Model, save_stage2
-from bossa_jax.models.bossa import Stage1Model, save_stage1
-from convert.common import TensorReader, check_missing, fill, load_state_dict
+from bossa_jax.models.bossa import CHECKPOINT_KIND, Stage1Model, save_stage1
+from bossa_jax.outputs import check_output
+from convert.common import LazyTensors, TensorReader, check_missing, fill, load_state_dict
 from convert.musicbert import Rule, _same, _transpose, official_qformer_rules, values_from_official
-from convert.musicgen import HF_BLOCK_TABLE, hf_to_flax
+from convert.musicgen import HF_BLOCK_TABLE, OFFICIAL_PREFIX, hf_to_flax
 
 # LAVIS-style names -> official BOSSA names (Blip2Musecoco's renames, SPEC 4.1 / 7)
 LAVIS_ALIASES: tuple[tuple[str, str], ...] = (
@@ -53,7 +56,7 @@ LAVIS_ALIASES: tuple[tuple[str, str], ...] = (
     ("text_proj.", "symbo_proj."),
     ("itm_head.", "binary_head."),
 )
-MUSICGEN_PREFIX = "musicgen_decoder."
+MUSICGEN_PREFIX = OFFICIAL_PREFIX.split(".")[0] + "."  # musicgen_decoder.
 SKIPPED_PREFIXES = ("musicgen_enc_to_dec_proj.",)
 SKIPPED_KEYS = ("Qformer.bert.embeddings.position_ids",)
 TIED_BIAS = ("Qformer.cls.predictions.bias", "Qformer.cls.predictions.decoder.bias")
@@ -86,7 +89,7 @@ def stage1_rules(cfg: Config) -> dict[str, Rule]:
 
 def musicgen_keys(cfg: Config) -> list[str]:
     """The official keys the kept MusicGen blocks need (for the missing-key report)."""
-    prefix = MUSICGEN_PREFIX + "decoder."
+    prefix = OFFICIAL_PREFIX
     keys = [f"{prefix}embed_tokens.{q}.weight" for q in range(cfg.musicgen.num_codebooks)]
     keys += [
         f"{prefix}layers.{i}.{name}"
@@ -96,43 +99,54 @@ def musicgen_keys(cfg: Config) -> list[str]:
     return keys + [f"{prefix}layer_norm.weight", f"{prefix}layer_norm.bias"]
 
 
-def _abstract_stage1(cfg: Config, with_musicgen: bool) -> Stage1Model:
+def _abstract_stage1(cfg: Config, with_musicgen: bool, proj_dim: int) -> Stage1Model:
     return nnx.eval_shape(
-        lambda: Stage1Model(cfg.qformer, cfg.musicgen if with_musicgen else None, rngs=nnx.Rngs(0))
+        lambda: Stage1Model(
+            cfg.qformer,
+            cfg.musicgen if with_musicgen else None,
+            proj_dim=proj_dim,
+            rngs=nnx.Rngs(0),
+        )
     )
+
+
+def _official_names(tensors: LazyTensors, source: str) -> LazyTensors:
+    """``tensors`` under the official names (LAVIS aliases renamed), nothing read."""
+    names: dict[str, str] = {}
+    for key in tensors:
+        new = official_name(key)
+        if new in names:
+            raise CheckpointError(f"{source}: both '{key}' and its official name '{new}' present")
+        names[new] = key
+    return tensors.view(names)
+
+
+def projection_width(tensors: Mapping[str, np.ndarray], *, source: str) -> int:
+    """The ITC embedding width, read off ``audio_proj.weight`` (out, in); ``symbo_proj`` is then
+    checked against it like every other shape."""
+    check_missing(tensors, ["audio_proj.weight"], source=source)
+    return int(tensors["audio_proj.weight"].shape[0])
 
 
 def stage1_values(
     tensors: Mapping[str, np.ndarray], cfg: Config, *, with_musicgen: bool, source: str
 ) -> dict[str, np.ndarray]:
     """Official stage-1 tensors -> ``Stage1Model`` dotted paths -> values (Flax orientation)."""
-    renamed: dict[str, np.ndarray] = {}
-    for key, value in tensors.items():
-        new = official_name(key)
-        if new in renamed:
-            raise CheckpointError(f"{source}: both '{key}' and its official name '{new}' present")
-        renamed[new] = value
-
+    renamed = _official_names(load_state_dict(tensors), source)
     rules = stage1_rules(cfg)
     needed = [key for key, _ in rules.values()] + (musicgen_keys(cfg) if with_musicgen else [])
     check_missing(renamed, needed, source=source)
 
     reader = TensorReader(renamed, source)
-    values = values_from_official(
-        _abstract_stage1(cfg, with_musicgen), reader, rules, source=source
-    )
+    abstract = _abstract_stage1(cfg, with_musicgen, projection_width(renamed, source=source))
+    values = values_from_official(abstract, reader, rules, source=source)
     if TIED_BIAS[0] in renamed:  # HF registers the LM-head bias under two names
         if not np.array_equal(renamed[TIED_BIAS[0]], renamed[TIED_BIAS[1]]):
             raise CheckpointError(f"{source}: '{TIED_BIAS[0]}' differs from '{TIED_BIAS[1]}'")
         reader.used.add(TIED_BIAS[0])
 
-    if with_musicgen:
-        sub = {
-            k[len(MUSICGEN_PREFIX) :]: v
-            for k, v in renamed.items()
-            if k.startswith(MUSICGEN_PREFIX)
-        }
-        musicgen = hf_to_flax(sub, cfg.musicgen, source=f"{source} [{MUSICGEN_PREFIX}*]")
+    if with_musicgen:  # the official prefix is one of convert.musicgen's HF layouts
+        musicgen = hf_to_flax(renamed, cfg.musicgen, source=source)
         values.update({f"musicgen.{path}": value for path, value in musicgen.items()})
 
     reader.check_unused(
@@ -150,13 +164,16 @@ def convert_stage1(
 ) -> Stage1Model:
     """Builds a :class:`Stage1Model` holding a released/official stage-1 state dict.
 
-    ``cfg`` gives the sizes (default: the paper config); every shape is checked against it.
+    ``cfg`` gives the sizes (default: the paper config) except the projection width, which the
+    checkpoint's ``audio_proj`` holds; every shape is checked against them.
     """
     cfg = cfg or load_config("paper")
     name = "state dict" if isinstance(source, Mapping) else str(source)
     tensors = load_state_dict(source)
     values = stage1_values(tensors, cfg, with_musicgen=with_musicgen, source=name)
-    model = _abstract_stage1(cfg, with_musicgen)
+    model = _abstract_stage1(
+        cfg, with_musicgen, projection_width(_official_names(tensors, name), source=name)
+    )
     fill(model, values, source=name)
     return model
 
@@ -196,22 +213,22 @@ def stage2_values(
     ``blip2qformer.ln_audio`` is renamed as the notebook does."""
     from convert.musecoco import TensorSource, source_to_flax
 
-    renamed = {
-        key.replace(f"{STAGE2_QFORMER_PREFIX}ln_audio.", f"{STAGE2_QFORMER_PREFIX}layer_norm."): v
-        for key, v in tensors.items()
-    }
+    tensors = load_state_dict(tensors)
+    ln_audio, layer_norm = (f"{STAGE2_QFORMER_PREFIX}{n}." for n in ("ln_audio", "layer_norm"))
+    renamed = tensors.view({key.replace(ln_audio, layer_norm): key for key in tensors})
     reader = TensorReader(renamed, source)
     rules = stage2_rules(model.cfg)
     check_missing(renamed, [key for key, _ in rules.values()], source=source)
     values = values_from_official(model, reader, rules, source=source)
-    musecoco = TensorSource(renamed, STAGE2_MUSECOCO_PREFIX)
+    musecoco_keys = {k: k for k in renamed if k.startswith(STAGE2_MUSECOCO_PREFIX)}
+    musecoco = TensorSource(renamed.view(musecoco_keys), STAGE2_MUSECOCO_PREFIX)
     musecoco.name = f"{source} [{STAGE2_MUSECOCO_PREFIX}*]"
     for path, value in source_to_flax(musecoco, model.musecoco).items():
         values[f"musecoco.{path}"] = value
-    if model.musicgen is not None:
+    if model.musicgen is not None:  # under the stage-1 prefix, one of convert.musicgen's layouts
         prefix = STAGE2_QFORMER_PREFIX + MUSICGEN_PREFIX
-        sub = {k[len(prefix) :]: v for k, v in renamed.items() if k.startswith(prefix)}
-        musicgen = hf_to_flax(sub, model.musicgen.cfg, source=f"{source} [{prefix}*]")
+        stage1_names = {k[len(STAGE2_QFORMER_PREFIX) :]: k for k in renamed if k.startswith(prefix)}
+        musicgen = hf_to_flax(renamed.view(stage1_names), model.musicgen.cfg, source=source)
         values.update({f"musicgen.{path}": value for path, value in musicgen.items()})
     reader.check_unused(
         ignore_prefixes=STAGE2_SKIPPED_PREFIXES + (STAGE2_MUSECOCO_PREFIX,),
@@ -240,11 +257,12 @@ def convert_stage2(
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m convert.bossa",
-        description="Official BOSSA stage-1 checkpoint (.pt) -> bossa-jax Stage1Model (SPEC 7).",
+        description="Official BOSSA checkpoint (.pt) -> bossa-jax Stage1Model / Stage2Model "
+        "(SPEC 7).",
     )
-    parser.add_argument("source", help="official stage-1 file, e.g. bossa_stage1.pt")
+    parser.add_argument("source", help="official file, e.g. bossa_stage1.pt or bossa_stage2.pt")
     parser.add_argument("output", help="output directory (bossa-jax checkpoint)")
     parser.add_argument("--stage", type=int, choices=(1, 2), required=True, help="checkpoint stage")
     parser.add_argument("--config", default="paper", help="config giving the model sizes")
@@ -252,11 +270,14 @@ def main(argv: Sequence[str]) -> int:
         "--no-musicgen", action="store_true", help="leave MusicGen out (features from a cache)"
     )
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
-    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
+    add_output_options(parser)
+    args = parser.parse_args(argv)
+    kind = CHECKPOINT_KIND if args.stage == 1 else STAGE2_CHECKPOINT_KIND
+    check_output(args.output, kind, folder=True, overwrite=args.overwrite, sources=[args.source])
     cfg = load_config(args.config, args.overrides)
     if args.stage == 2:
         arranger = convert_stage2(args.source, cfg, with_musicgen=not args.no_musicgen)
-        save_stage2(args.output, arranger)
+        save_stage2(args.output, arranger, overwrite=args.overwrite)
         m = cfg.musecoco
         print(
             f"wrote {args.output}: stage-2 query-only Q-Former, projection "
@@ -266,7 +287,7 @@ def main(argv: Sequence[str]) -> int:
         )
         return 0
     model = convert_stage1(args.source, cfg, with_musicgen=not args.no_musicgen)
-    save_stage1(args.output, model)
+    save_stage1(args.output, model, overwrite=args.overwrite)
     q = cfg.qformer
     print(
         f"wrote {args.output}: stage-1 Q-Former {q.num_hidden_layers}x{q.hidden_size}, "

@@ -5,6 +5,10 @@ unexpected keys.
 Pickled checkpoints (``.pt``/``.bin``/``.ckpt``) are read with ``torch.load(weights_only=True)``
 and only the globals in :data:`PICKLE_ALLOWLIST` (what fairseq and audiocraft pickle besides
 tensors); anything else is refused with a CheckpointError, never unpickled.
+
+Every source is read through :func:`load_state_dict`, which streams: safetensors through
+``safe_open``, pickles memory-mapped (``torch.load(mmap=True)``), each tensor read in its own dtype
+when a converter asks for it (:class:`LazyTensors`), never the whole state dict upcast at once.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import argparse
 import collections
 import json
 import pathlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -40,25 +45,77 @@ def _global_name(obj: Any) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
-Tensors = dict[str, np.ndarray]
+Tensors = Mapping[str, np.ndarray]
+
+
+class LazyTensors(Mapping[str, np.ndarray]):
+    """Source tensors by name, each read only when asked for (and not kept): a converter holds
+    one source tensor at a time besides what it builds, so peak host memory stays near one copy
+    of the model (issue 9 item 4). Values keep the source dtype (bf16 stays
+    ``ml_dtypes.bfloat16``); converters cast where the model asks for another.
+
+    ``loaders`` maps each name to a function returning its array. :meth:`view` renames keys
+    without reading anything; :meth:`define` adds a derived tensor, computed on access.
+    """
+
+    def __init__(self, loaders: Mapping[str, Callable[[], np.ndarray]]):
+        self._loaders = dict(loaders)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._loaders[key]()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._loaders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+    def view(self, names: Mapping[str, str]) -> LazyTensors:
+        """A lazy mapping of new name -> ``self[old name]`` for each ``names`` item."""
+        return LazyTensors({new: self._loaders[old] for new, old in names.items()})
+
+    def loader(self, key: str) -> Callable[[], np.ndarray]:
+        """The function that reads ``key`` (e.g. to derive a tensor from it with :meth:`define`)."""
+        return self._loaders[key]
+
+    def define(self, key: str, compute: Callable[[], np.ndarray]) -> None:
+        """Adds (or replaces) ``key`` as ``compute()``, called on each access."""
+        self._loaders[key] = compute
+
+
+def _loader(value: Any) -> Callable[[], np.ndarray]:
+    return lambda: _to_numpy(value)
 
 
 def _to_numpy(value: Any) -> np.ndarray:
-    import torch
+    """A torch tensor (or array-like) as numpy in its own dtype, sharing memory where it can; bf16
+    goes through its int16 bits (numpy has no bf16 of its own: ``ml_dtypes.bfloat16``)."""
+    if type(value).__module__.startswith("torch"):
+        import torch
 
-    if isinstance(value, torch.Tensor):
-        return (
-            value.detach().to(torch.float32 if value.is_floating_point() else value.dtype).numpy()
-        )
+        value = value.detach()
+        if value.dtype == torch.bfloat16:
+            return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return value.numpy()
     return np.asarray(value)
 
 
 def _torch_load(path: Path) -> Any:
+    """A pickled checkpoint through the allowlist; tensors stay memory-mapped where the file is
+    in torch's zip format (since torch 1.6), so nothing is read until a converter asks for it."""
     import torch
 
     try:
         with torch.serialization.safe_globals(list(PICKLE_ALLOWLIST)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "zip" not in str(err).lower():  # legacy (pre-zip) pickles cannot be mapped
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError / RuntimeError with long texts
         text = one_line(str(err))
         if "Unsupported global" in text or "weights_only" in text.lower():
@@ -74,26 +131,54 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({text[:200]})") from err
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> Tensors:
-    out: Tensors = {}
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> LazyTensors:
+    """Nested state dict -> lazy dotted names -> tensors (non-tensor leaves are dropped)."""
+    loaders: dict[str, Callable[[], np.ndarray]] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
+            loaders.update(flatten(value, f"{name}.")._loaders)
         elif hasattr(value, "shape"):
-            out[name] = _to_numpy(value)
-    return out
+            loaders[name] = _loader(value)
+    return LazyTensors(loaders)
+
+
+def _safetensors(path: Path) -> LazyTensors:
+    """A ``.safetensors`` file, one tensor per access through ``safe_open`` (bf16, which numpy
+    cannot hold, through the flax backend: ``ml_dtypes.bfloat16``)."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="numpy")
+        dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
+    except Exception as err:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({one_line(str(err))[:200]})"
+        ) from err
+    numpy_dtypes = ("F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL")
+    if any(dtype not in numpy_dtypes for dtype in dtypes.values()):
+        flax_handle = safe_open(str(path), framework="flax")
+
+    def loader(key: str) -> Callable[[], np.ndarray]:
+        if dtypes[key] in numpy_dtypes:
+            return lambda: handle.get_tensor(key)
+        return lambda: np.asarray(flax_handle.get_tensor(key))
+
+    return LazyTensors({key: loader(key) for key in dtypes})
 
 
 def load_state_dict(
     source: str | Path | Mapping[str, Any], *, subkey: str | None = None
-) -> Tensors:
-    """Reads tensors from a state dict, a ``.safetensors`` file, an HF directory (config.json +
-    safetensors or pytorch_model.bin, sharded or not) or a pickled ``.pt``/``.bin`` checkpoint.
+) -> LazyTensors:
+    """Tensors of a state dict, a ``.safetensors`` file, an HF directory (config.json +
+    safetensors or pytorch_model.bin, sharded or not) or a pickled ``.pt``/``.bin`` checkpoint,
+    read lazily (:class:`LazyTensors`: one tensor per access, in the source dtype).
 
     ``subkey`` picks a nested dict inside a pickle (e.g. fairseq's ``"model"``, audiocraft's
     ``"best_state"``) when present.
     """
+    if isinstance(source, LazyTensors):
+        return source
     if isinstance(source, Mapping):
         tree: Any = source
     else:
@@ -104,33 +189,36 @@ def load_state_dict(
             files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
             if not files:
                 raise CheckpointError(f"{path}: no *.safetensors or pytorch_model*.bin inside")
-            tensors: Tensors = {}
+            loaders: dict[str, Callable[[], np.ndarray]] = {}
             for f in files:
-                tensors.update(load_state_dict(f, subkey=subkey))
-            return tensors
+                loaders.update(load_state_dict(f, subkey=subkey)._loaders)
+            return LazyTensors(loaders)
         if path.stat().st_size == 0:
             raise CheckpointError(f"{path}: empty file")
         if path.suffix == ".safetensors":
-            from safetensors.numpy import load_file
-
-            try:
-                return dict(load_file(str(path)))
-            except Exception as err:
-                # bf16 tensors cannot be read by the numpy backend: go through torch
-                try:
-                    from safetensors.torch import load_file as load_torch
-
-                    return {k: _to_numpy(v) for k, v in load_torch(str(path)).items()}
-                except Exception as torch_err:
-                    raise CheckpointError(
-                        f"{path}: not a readable safetensors file ({one_line(str(err))[:200]})"
-                    ) from torch_err
+            return _safetensors(path)
         tree = _torch_load(path)
     if subkey is not None and isinstance(tree, Mapping) and subkey in tree:
         tree = tree[subkey]
     if not isinstance(tree, Mapping):
         raise CheckpointError(f"{source}: expected a state dict, found {type(tree).__name__}")
     return flatten(tree)
+
+
+def read_checkpoint(
+    source: str | Path | Mapping[str, Any], *, subkey: str | None = None
+) -> tuple[LazyTensors, Any]:
+    """(tensors as :func:`load_state_dict` reads them, audiocraft's ``xp.cfg`` or None): one read
+    of the file whatever its kind; audiocraft releases pickle their experiment config beside
+    ``best_state``."""
+    if isinstance(source, Mapping):
+        return load_state_dict(source, subkey=subkey), source.get("xp.cfg")
+    path = Path(source)
+    if path.is_file() and path.suffix != ".safetensors" and path.stat().st_size > 0:
+        tree = _torch_load(path)
+        if isinstance(tree, Mapping):
+            return load_state_dict(tree, subkey=subkey), tree.get("xp.cfg")
+    return load_state_dict(path, subkey=subkey), None
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:

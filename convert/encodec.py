@@ -22,7 +22,6 @@ the EnCodec-32kHz values for what shapes cannot tell: 32 kHz, non-causal, reflec
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -37,15 +36,16 @@ import yaml
 from flax import nnx
 
 from bossa_jax.checkpoint import save_module
+from bossa_jax.cli import ArgumentParser, add_output_options
 from bossa_jax.config import EncodecConfig
 from bossa_jax.errors import BossaError, CheckpointError, run_cli
 from bossa_jax.models.encodec import EncodecEncoder, config_section, load_encodec
+from bossa_jax.outputs import check_output
 from convert.common import (
     TensorReader,
-    _torch_load,
     fill,
-    load_state_dict,
     param_paths,
+    read_checkpoint,
     read_hf_config,
 )
 
@@ -460,20 +460,6 @@ def _abstract(cfg: EncodecConfig) -> EncodecEncoder:
 # Entry points
 
 
-def _read_source(
-    source: str | os.PathLike | Mapping[str, Any],
-) -> tuple[dict[str, np.ndarray], Any]:
-    """(tensors, audiocraft xp.cfg or None): one read of the file, whatever its kind."""
-    if isinstance(source, Mapping):
-        return load_state_dict(source, subkey="best_state"), source.get("xp.cfg")
-    path = Path(source)
-    if path.is_file() and path.suffix != ".safetensors" and path.stat().st_size > 0:
-        tree = _torch_load(path)
-        if isinstance(tree, Mapping):
-            return load_state_dict(tree, subkey="best_state"), tree.get("xp.cfg")
-    return load_state_dict(path), None
-
-
 def convert_encodec(
     source: str | os.PathLike | Mapping[str, Any],
     *,
@@ -487,7 +473,7 @@ def convert_encodec(
     if fmt not in ("auto", "hf", "audiocraft"):
         raise CheckpointError(f"unknown source format {fmt!r} (auto, hf or audiocraft)")
     name = "state dict" if isinstance(source, Mapping) else str(source)
-    tensors, xp_cfg = _read_source(source)
+    tensors, xp_cfg = read_checkpoint(source, subkey="best_state")
     fmt = detect_format(tensors, source=name) if fmt == "auto" else fmt
     if config is None:
         if fmt == "hf" and not isinstance(source, Mapping) and Path(source).is_dir():
@@ -535,16 +521,23 @@ def to_hf_state_dict(model: EncodecEncoder, *, legacy: bool = False) -> dict[str
     return out
 
 
+CHECKPOINT_KIND = "encodec checkpoint"
+
+
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m convert.encodec", description=__doc__.split("\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m convert.encodec", description=__doc__.split("\n")[0])
     parser.add_argument("src", help="HF directory, .safetensors/.bin file, or audiocraft .th/.pt")
     parser.add_argument("out", help="output bossa-jax checkpoint directory")
     parser.add_argument("--format", choices=("auto", "hf", "audiocraft"), default="auto")
+    add_output_options(parser)
     args = parser.parse_args(argv)
+    check_output(
+        args.out, CHECKPOINT_KIND, folder=True, overwrite=args.overwrite, sources=[args.src]
+    )
     model = convert_encodec(args.src, fmt=args.format)
-    save_module(args.out, model, config_section(model.cfg))
+    save_module(
+        args.out, model, config_section(model.cfg), kind=CHECKPOINT_KIND, overwrite=args.overwrite
+    )
     cfg = model.cfg
     print(
         f"wrote {args.out}: EnCodec {cfg.sampling_rate} Hz, ratios {list(cfg.upsampling_ratios)}, "

@@ -24,20 +24,22 @@ Command: ``python -m convert.musecoco SRC OUT [--config config.json] [--num-head
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from bossa_jax.cli import ArgumentParser, add_output_options
 from bossa_jax.config import MuseCocoConfig
 from bossa_jax.errors import CheckpointError, ConfigError, one_line, run_cli
-from bossa_jax.models.musecoco import MuseCoco, load_musecoco, save_musecoco
+from bossa_jax.models.musecoco import CHECKPOINT_KIND, MuseCoco, load_musecoco, save_musecoco
+from bossa_jax.outputs import check_output
 from convert.common import PICKLE_ALLOWLIST, fill, param_paths
 
 __all__ = ["convert_musecoco", "load_musecoco", "save_musecoco", "to_hf_state_dict"]
@@ -98,7 +100,6 @@ class TensorSource:
 
     def __init__(self, source: str | Path | Mapping[str, Any], prefix: str = ""):
         self.name = "state dict" if isinstance(source, Mapping) else str(source)
-        self._files: list[Any] = []
         tensors: dict[str, Any] = {}
         if isinstance(source, Mapping):
             tensors = dict(_flat(source))
@@ -126,13 +127,16 @@ class TensorSource:
             from safetensors import safe_open
 
             try:
-                handle = safe_open(str(path), framework="pt")
+                with safe_open(str(path), framework="pt") as handle:
+                    entries = [
+                        (k, _Lazy(path, k, tuple(handle.get_slice(k).get_shape())))
+                        for k in handle.keys()
+                    ]
             except Exception as err:
                 raise CheckpointError(
                     f"{path}: not a readable safetensors file ({one_line(str(err))[:200]})"
-                ) from None
-            self._files.append(handle)
-            return ((k, _Lazy(handle, k)) for k in handle.keys())
+                ) from err
+            return iter(entries)
         import torch
 
         try:
@@ -142,7 +146,7 @@ class TensorSource:
             raise CheckpointError(
                 f"{path}: not a readable PyTorch checkpoint of tensors and allowed globals "
                 f"({one_line(str(err))[:200]})"
-            ) from None
+            ) from err
         if isinstance(tree, Mapping) and isinstance(tree.get("model"), Mapping):
             tree = tree["model"]  # fairseq-style wrapper
         if not isinstance(tree, Mapping):
@@ -167,14 +171,17 @@ class TensorSource:
 
 
 class _Lazy:
-    """A safetensors entry: shape from the header, values on demand."""
+    """A safetensors entry: shape from the header, values on demand. Each read opens and closes
+    the file, so the mapped pages of tensors already converted do not stay resident."""
 
-    def __init__(self, handle: Any, key: str):
-        self.handle, self.key = handle, key
-        self.shape = tuple(handle.get_slice(key).get_shape())
+    def __init__(self, path: Path, key: str, shape: tuple[int, ...]):
+        self.path, self.key, self.shape = path, key, shape
 
     def read(self) -> np.ndarray:
-        return _torch_to_numpy(self.handle.get_tensor(self.key))
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as handle:
+            return _torch_to_numpy(handle.get_tensor(self.key))
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -229,7 +236,7 @@ def config_from_source(
                     f"{hf_config['vocab_size']}; the tensors are {vocab} x {hidden}"
                 )
         except KeyError as err:
-            raise CheckpointError(f"{src.name}: config.json has no key {err}") from None
+            raise CheckpointError(f"{src.name}: config.json has no key {err}") from err
     if heads is None:
         raise CheckpointError(
             f"{src.name}: the head count is not in the tensors; give --num-heads (MuseCoco-xLarge: "
@@ -257,7 +264,7 @@ def config_from_source(
     try:
         cfg.validate("musecoco")
     except ConfigError as err:
-        raise CheckpointError(f"{src.name}: {err}") from None
+        raise CheckpointError(f"{src.name}: {err}") from err
     return cfg
 
 
@@ -336,10 +343,14 @@ def convert_musecoco(
         try:
             hf_config = json.loads(Path(hf_config).read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{hf_config}: not a readable config.json ({err})") from None
+            raise CheckpointError(f"{hf_config}: not a readable config.json ({err})") from err
     cfg = config_from_source(src, hf_config, num_heads=num_heads, dtype=dtype)
     model = nnx.eval_shape(lambda: MuseCoco(cfg, rngs=nnx.Rngs(0)))
     fill(model, source_to_flax(src, model), source=src.name)
+    # jax arrays for the checkpoint writer: on CPU, device_put aliases the (aligned) numpy buffers
+    # instead of copying, and orbax then writes them without a second host copy of the model
+    for var in param_paths(model).values():
+        var.set_value(jax.device_put(var.get_value()))
     return model
 
 
@@ -357,16 +368,17 @@ def to_hf_state_dict(model: MuseCoco) -> dict[str, np.ndarray]:
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m convert.musecoco", description=__doc__.split("\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m convert.musecoco", description=__doc__.split("\n")[0])
     parser.add_argument("src", help="HF directory, .safetensors or .pt/.bin state dict")
     parser.add_argument("out", help="output bossa-jax checkpoint directory")
     parser.add_argument("--config", default=None, help="the HF port's config.json")
     parser.add_argument("--num-heads", type=int, default=None, help="without a config.json")
     parser.add_argument("--prefix", default="", help="key prefix to read under (musecoco.)")
     parser.add_argument("--dtype", choices=("keep", "float32", "bfloat16"), default="keep")
+    add_output_options(parser)
     args = parser.parse_args(argv)
+    sources = [args.src, *([args.config] if args.config else [])]
+    check_output(args.out, CHECKPOINT_KIND, folder=True, overwrite=args.overwrite, sources=sources)
     model = convert_musecoco(
         args.src,
         hf_config=args.config,
@@ -374,7 +386,7 @@ def main(argv: Sequence[str]) -> int:
         prefix=args.prefix,
         dtype=None if args.dtype == "keep" else args.dtype,
     )
-    save_musecoco(args.out, model)
+    save_musecoco(args.out, model, overwrite=args.overwrite)
     cfg = model.cfg
     print(
         f"wrote {args.out}: MuseCoco {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, "

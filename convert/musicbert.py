@@ -37,10 +37,13 @@ import numpy as np
 from flax import nnx
 
 from bossa_jax.checkpoint import save_module
+from bossa_jax.cli import ArgumentParser, add_output_options
 from bossa_jax.config import QFormerConfig, build, load_config
 from bossa_jax.errors import CheckpointError, ConfigError, run_cli
 from bossa_jax.models.qformer import FIELDS_PER_NOTE, QFormer
+from bossa_jax.outputs import check_output
 from convert.common import (
+    LazyTensors,
     TensorReader,
     _torch_load,
     check_keys,
@@ -207,8 +210,8 @@ def values_from_official(
 # -- reading the fairseq checkpoint ----------------------------------------------------------
 
 
-def read_fairseq_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(state dict as numpy, architecture args) of a fairseq checkpoint; anything else refused."""
+def read_fairseq_checkpoint(path: str | Path) -> tuple[LazyTensors, dict[str, Any]]:
+    """(lazy state dict, architecture args) of a fairseq checkpoint; anything else refused."""
     obj = _torch_load(Path(path))
     if not isinstance(obj, Mapping) or "model" not in obj:
         found = sorted(obj)[:6] if isinstance(obj, Mapping) else type(obj).__name__
@@ -286,12 +289,8 @@ def convert_musicbert(
     cfg = infer_config(tensors, args, base or QFormerConfig(), source)
 
     check_missing(tensors, musicbert_keys(cfg.num_hidden_layers), source=source)
-    official = {}
-    original_names = {}
-    for key, value in tensors.items():
-        new = rename_musicbert_key(key)
-        official[new] = value
-        original_names[new] = key
+    original_names = {rename_musicbert_key(key): key for key in tensors}
+    official = tensors.view(original_names)
     # the query FFN starts as a copy of the text FFN (SPEC 2.3)
     for i in range(cfg.num_hidden_layers):
         base_key = f"bert.encoder.layer.{i}"
@@ -302,13 +301,19 @@ def convert_musicbert(
             for leaf in ("weight", "bias"):
                 text = f"{base_key}.{part}.{leaf}"
                 if text in official:
-                    official[f"{base_key}.{query_part}.{leaf}"] = official[text]
+                    official.define(f"{base_key}.{query_part}.{leaf}", official.loader(text))
                     original_names[f"{base_key}.{query_part}.{leaf}"] = original_names[text]
-    # row vocab_size = [DEC] = exact mean of the loaded rows (SPEC 2.3; HF 4.48 mean-resizing)
+    # row vocab_size = [DEC] = exact mean of the loaded rows (SPEC 2.3; HF 4.48 mean-resizing), in
+    # the fp32 the Q-Former holds them
     if WORD_TABLE in official:
-        table = official[WORD_TABLE]
-        dec = table.astype(np.float64).mean(axis=0).astype(table.dtype)
-        official[WORD_TABLE] = np.concatenate([table, dec[None]], axis=0)
+        read_table = official.loader(WORD_TABLE)
+
+        def with_dec_row() -> np.ndarray:
+            table = np.asarray(read_table(), np.float32)
+            dec = table.astype(np.float64).mean(axis=0).astype(np.float32)
+            return np.concatenate([table, dec[None]], axis=0)
+
+        official.define(WORD_TABLE, with_dec_row)
 
     model = QFormer(cfg, rngs=nnx.Rngs(seed))
     rules = official_qformer_rules(cfg, query_tokens=None)
@@ -339,8 +344,11 @@ def convert_musicbert(
     return model, cfg
 
 
+CHECKPOINT_KIND = "qformer checkpoint"
+
+
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m convert.musicbert",
         description="MusicBERT-base (fairseq .pt) -> bossa-jax Q-Former checkpoint (SPEC 2.3).",
     )
@@ -351,12 +359,16 @@ def main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="init seed of cross-attn and queries")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    add_output_options(parser)
     args = parser.parse_args(argv)
+    check_output(
+        args.output, CHECKPOINT_KIND, folder=True, overwrite=args.overwrite, sources=[args.source]
+    )
     base = load_config(args.config, args.overrides).qformer
     model, cfg = convert_musicbert(args.source, base, seed=args.seed)
     config = {"name": "musicbert", "qformer": dataclasses.asdict(cfg)}
     build(QFormerConfig, config["qformer"], "qformer")  # what a loader will do with it
-    save_module(args.output, model, config)
+    save_module(args.output, model, config, kind=CHECKPOINT_KIND, overwrite=args.overwrite)
     print(
         f"wrote {args.output}: Q-Former {cfg.num_hidden_layers}x{cfg.hidden_size} "
         f"({cfg.num_attention_heads} heads) from {args.source}; fresh cross-attention in "

@@ -15,19 +15,27 @@ Sources:
   ``create_sin_embedding`` is the same cos-first sinusoid as HF's (``10000 ** (-i / (d/2 - 1))``)
   and MusicGen uses ``positional_scale`` 1, so no position parameter is converted.
   ``cross_attention.*``, ``norm_cross``, ``linears.K`` (output heads), ``condition_provider.*`` and
-  ``fuser.*`` are ignored. The file holds no head count; it defaults to ``hidden_size // 64``
-  (true of every MusicGen size) and can be given with ``--num-heads``.
+  ``fuser.*`` are ignored. The head count comes from the file's ``xp.cfg``
+  (``transformer_lm.num_heads``) when it holds one.
+* The official BOSSA stage-1 file (``bossa_stage1.pt``, SPEC 7): the HF decoder under
+  ``musicgen_decoder.decoder.``; every key outside ``musicgen_decoder.`` (the Q-Former, the heads,
+  ``musicgen_enc_to_dec_proj``) is the rest of BOSSA and ignored here.
+
+Nothing is guessed: the head count comes from config.json, ``xp.cfg`` or ``--num-heads``
+(``num_heads=``), and a state dict that holds none without ``--num-heads`` is refused (the other
+sizes are read off the tensor shapes). Tensors are read one at a time (``convert.common``) and keep
+the source's dtype unless ``--dtype`` asks for another.
 
 Every Flax parameter must receive a value of exactly its shape (a mismatch names the key); source
 keys neither used nor deliberately ignored are reported by name. :func:`to_hf_state_dict` exports
 back to the HF layout for round trips.
 
-Command: ``python -m convert.musicgen SRC OUT [--keep-layers 25] [--format auto|hf|audiocraft]``.
+Command: ``python -m convert.musicgen SRC OUT [--keep-layers 25] [--format auto|hf|audiocraft]
+[--num-heads N] [--dtype float32|bfloat16]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -35,16 +43,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from flax import nnx
 
-from bossa_jax.config import MusicgenConfig
+from bossa_jax.cli import ArgumentParser, add_output_options
+from bossa_jax.config import DTYPES, MusicgenConfig
 from bossa_jax.errors import CheckpointError, ConfigError, run_cli
-from bossa_jax.models.musicgen import MusicgenFeatures, load_musicgen, save_musicgen
+from bossa_jax.models.musicgen import (
+    CHECKPOINT_KIND,
+    MusicgenFeatures,
+    load_musicgen,
+    save_musicgen,
+)
+from bossa_jax.outputs import check_output
 
 __all__ = ["convert_musicgen", "load_musicgen", "save_musicgen", "to_hf_state_dict"]
-from convert.common import TensorReader, fill, load_state_dict, param_paths, read_hf_config
+from convert.common import TensorReader, fill, param_paths, read_checkpoint, read_hf_config
 
-HF_PREFIXES = ("decoder.model.decoder.", "model.decoder.", "decoder.", "")
+# the official BOSSA stage-1 layout first: its keys also end in "decoder.embed_tokens..."
+OFFICIAL_PREFIX = "musicgen_decoder.decoder."
+HF_PREFIXES = (OFFICIAL_PREFIX, "decoder.model.decoder.", "model.decoder.", "decoder.", "")
 # HF modules outside the decoder body that BOSSA's features never use.
 HF_IGNORED = (
     "text_encoder.",
@@ -54,7 +72,6 @@ HF_IGNORED = (
     "lm_heads.",
 )
 AUDIOCRAFT_IGNORED = ("linears.", "condition_provider.", "fuser.")
-DEFAULT_HEAD_DIM = 64
 EMBED = "embed_tokens.embedding"  # the codebook tables, concatenated
 
 # (Flax path inside one stacked block, HF name inside ``layers.N.``, is a kernel (transpose))
@@ -126,7 +143,13 @@ def config_from_tensors(
     dtype: str,
     source: str,
 ) -> MusicgenConfig:
-    """Sizes read off the tensors (used when no config.json is at hand)."""
+    """Sizes read off the tensors (used when no config.json is at hand); the head count, which no
+    shape holds, must be given."""
+    if num_heads is None:
+        raise CheckpointError(
+            f"{source}: no config.json or xp.cfg gives the head count: pass --num-heads "
+            "(num_heads=; MusicGen small/medium/large: 16/24/32)"
+        )
     if fmt == "hf":
         prefix = hf_prefix(tensors) or ""
         rows, hidden = _shape(tensors, f"{prefix}embed_tokens.0.weight", source)
@@ -141,7 +164,7 @@ def config_from_tensors(
     return _make_config(
         source,
         hidden_size=hidden,
-        num_attention_heads=num_heads or max(1, hidden // DEFAULT_HEAD_DIM),
+        num_attention_heads=num_heads,
         ffn_dim=ffn,
         num_codebooks=codebooks,
         vocab_size=rows - 1,
@@ -268,6 +291,8 @@ def hf_to_flax(
     out["layer_norm.scale"] = take(f"{prefix}layer_norm.weight", "layer_norm.scale")
     out["layer_norm.bias"] = take(f"{prefix}layer_norm.bias", "layer_norm.bias")
     ignored = list(HF_IGNORED)
+    if prefix == OFFICIAL_PREFIX:  # the rest of the BOSSA stage-1 model
+        ignored += [k for k in tensors if not k.startswith("musicgen_decoder.")]
     ignored += [f"{prefix}layers.{i}.encoder_attn" for i in range(cfg.keep_layers)]
     ignored += [f"{prefix}layers.{i}." for i in range(cfg.keep_layers, cfg.num_hidden_layers)]
     # non-persistent in HF; present in some older exports
@@ -337,24 +362,34 @@ def convert_musicgen(
     keep_layers: int = 25,
     fmt: str = "auto",
     num_heads: int | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     hf_config: Mapping[str, Any] | None = None,
 ) -> MusicgenFeatures:
     """Builds a :class:`MusicgenFeatures` holding the source's first ``keep_layers`` blocks.
 
     ``source`` is an HF directory, a checkpoint file or an in-memory state dict; ``hf_config`` (or
-    the directory's config.json) gives the sizes, otherwise they are read off the tensors.
+    the directory's config.json) gives the sizes, otherwise they are read off the tensors and the
+    head count comes from audiocraft's ``xp.cfg`` or ``num_heads`` (none of them: an error).
+    ``dtype`` None keeps the source's floating dtype.
     """
     if fmt not in ("auto", "hf", "audiocraft"):
         raise CheckpointError(f"unknown source format {fmt!r} (auto, hf or audiocraft)")
     name = "state dict" if isinstance(source, Mapping) else str(source)
-    tensors = load_state_dict(source, subkey="best_state")
+    tensors, xp_cfg = read_checkpoint(source, subkey="best_state")
     fmt = detect_format(tensors) if fmt == "auto" else fmt
     if hf_config is None and not isinstance(source, Mapping) and Path(source).is_dir():
         hf_config = read_hf_config(source)
+    dtype = dtype or source_dtype(tensors, fmt)
     if fmt == "hf" and hf_config is not None:
         cfg = config_from_hf(hf_config, keep_layers=keep_layers, dtype=dtype, source=name)
+        if num_heads is not None and num_heads != cfg.num_attention_heads:
+            raise CheckpointError(
+                f"{name}: --num-heads {num_heads} contradicts config.json's "
+                f"num_attention_heads {cfg.num_attention_heads}"
+            )
     else:
+        if fmt == "audiocraft" and xp_cfg is not None:
+            num_heads = _xp_heads(xp_cfg, num_heads, source=name)
         cfg = config_from_tensors(
             tensors, fmt, keep_layers=keep_layers, num_heads=num_heads, dtype=dtype, source=name
         )
@@ -364,17 +399,50 @@ def convert_musicgen(
     return model
 
 
+def source_dtype(tensors: Mapping[str, np.ndarray], fmt: str) -> str:
+    """The model dtype that keeps the source's: that of its first codebook table."""
+    prefix = hf_prefix(tensors) or ""
+    key = "emb.0.weight" if fmt == "audiocraft" else f"{prefix}embed_tokens.0.weight"
+    found = np.dtype(tensors[key].dtype).name if key in tensors else "float32"
+    return found if found in DTYPES else "float32"
+
+
+def _xp_heads(xp_cfg: Any, num_heads: int | None, *, source: str) -> int | None:
+    """The head count of audiocraft's ``xp.cfg`` (``transformer_lm.num_heads``), checked against
+    ``num_heads`` when both are given; None when the file holds none."""
+    try:
+        root = yaml.safe_load(xp_cfg) if isinstance(xp_cfg, str) else xp_cfg
+    except yaml.YAMLError:
+        return num_heads
+    lm = root.get("transformer_lm") if isinstance(root, Mapping) else None
+    heads = lm.get("num_heads") if isinstance(lm, Mapping) else None
+    if not isinstance(heads, int):
+        return num_heads
+    if num_heads is not None and num_heads != heads:
+        raise CheckpointError(
+            f"{source}: --num-heads {num_heads} contradicts xp.cfg's transformer_lm.num_heads "
+            f"{heads}"
+        )
+    return heads
+
+
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m convert.musicgen", description=__doc__.split("\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m convert.musicgen", description=__doc__.split("\n")[0])
     parser.add_argument("src", help="HF directory, .safetensors/.bin/.pt file (HF or audiocraft)")
     parser.add_argument("out", help="output bossa-jax checkpoint directory")
     parser.add_argument("--keep-layers", type=int, default=25, help="blocks to keep (SPEC 1.3: 25)")
     parser.add_argument("--format", choices=("auto", "hf", "audiocraft"), default="auto")
-    parser.add_argument("--num-heads", type=int, default=None, help="audiocraft only")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--num-heads", type=int, default=None, help="head count when no config.json/xp.cfg has it"
+    )
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default=None, help="default: the source's"
+    )
+    add_output_options(parser)
     args = parser.parse_args(argv)
+    check_output(
+        args.out, CHECKPOINT_KIND, folder=True, overwrite=args.overwrite, sources=[args.src]
+    )
     model = convert_musicgen(
         args.src,
         keep_layers=args.keep_layers,
@@ -382,7 +450,7 @@ def main(argv: Sequence[str]) -> int:
         num_heads=args.num_heads,
         dtype=args.dtype,
     )
-    save_musicgen(args.out, model)
+    save_musicgen(args.out, model, overwrite=args.overwrite)
     cfg = model.cfg
     print(
         f"wrote {args.out}: MusicGen {cfg.keep_layers}/{cfg.num_hidden_layers} blocks, "

@@ -58,6 +58,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from bossa_jax import sharding
+from bossa_jax.audio import CLIP_FRAMES, PATTERN_EXTRA
 from bossa_jax.data.feature_cache import ClipRef, CodesStore, FeatureCache, clip_codes
 from bossa_jax.data.readers import SongRecord
 from bossa_jax.errors import DataError
@@ -82,6 +83,7 @@ class CorpusIndex:
 
     records: tuple[SongRecord, ...]
     examples: tuple[Example, ...]
+    clip_length: int = CLIP_FRAMES  # frames of every padded clip (``audio.clip_frames``)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -90,7 +92,10 @@ class CorpusIndex:
     def clips(self) -> list[ClipRef]:
         return [
             ClipRef(
-                self.records[e.song_index].id, int(e.window.clip_start), int(e.window.clip_frames)
+                self.records[e.song_index].id,
+                int(e.window.clip_start),
+                int(e.window.clip_frames),
+                self.clip_length,
             )
             for e in self.examples
         ]
@@ -104,10 +109,11 @@ def build_index(
     num_frames: Callable[[str], int] | Mapping[str, int] | CodesStore,
     *,
     clamp: bool = True,
+    clip_length: int = CLIP_FRAMES,
 ) -> CorpusIndex:
     """All windows of ``records`` (SPEC 6.3). ``num_frames(song_id)``: length of the song's codes
     at 50 Hz (a CodesStore or a mapping works); ``clamp=False`` reproduces the official clip slice
-    (SPEC 10.12)."""
+    (SPEC 10.12); ``clip_length``: frames per clip (``audio.clip_frames``, 508)."""
     if isinstance(num_frames, CodesStore):
         frames_of = num_frames.num_frames
     elif isinstance(num_frames, Mapping):
@@ -120,9 +126,10 @@ def build_index(
             frames = int(frames_of(record.id))
         except KeyError as err:
             raise DataError(f"no audio codes for song {record.id!r}") from err
-        for window in segment.segment_song(record.song, frames, clamp=clamp):
+        windows = segment.segment_song(record.song, frames, clamp=clamp, clip_length=clip_length)
+        for window in windows:
             examples.append(Example(len(examples), song_index, window))
-    return CorpusIndex(tuple(records), tuple(examples))
+    return CorpusIndex(tuple(records), tuple(examples), clip_length)
 
 
 # --- samples ------------------------------------------------------------------------------------
@@ -181,12 +188,21 @@ class AudioSource:
             features.check_clips(self._clips)
 
     def __call__(self, example_id: int) -> dict[str, np.ndarray]:
+        return {k: v[0] for k, v in self.read_batch([example_id]).items()}
+
+    def read_batch(self, example_ids: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+        """The audio fields of these examples, stacked: ``features`` (B, 512, D) and
+        ``audio_mask`` (B, 512) read straight into the batch, or ``codes`` (B, 4, 508) cut from
+        the songs' codes."""
         if self._features is not None:
-            record = self._features[example_id]
-            return {"features": record["features"], "audio_mask": record["audio_mask"]}
-        clip = self._clips[example_id]
-        codes, mask = clip_codes(self._codes(clip.song_id), clip)
-        return {"codes": codes.astype(np.int32), "audio_mask": mask}
+            return self._features.read_batch(example_ids)
+        steps = segment.CLIP_FRAMES + PATTERN_EXTRA
+        codes = np.empty((len(example_ids), 4, segment.CLIP_FRAMES), np.int32)
+        masks = np.empty((len(example_ids), steps), np.float32)
+        for row, example_id in enumerate(example_ids):
+            clip = self._clips[int(example_id)]
+            codes[row], masks[row] = clip_codes(self._codes(clip.song_id), clip)
+        return {"codes": codes, "audio_mask": masks}
 
 
 # --- the pipeline -------------------------------------------------------------------------------
@@ -259,7 +275,7 @@ class Pipeline:
         ds = grain.MapDataset.source(usable).shuffle(seed=options.seed)
         ds = ds[:per_epoch][self.process_index :: self.process_count]
         ds = ds.map_with_index(self._make_sample)
-        ds = ds.batch(self.local_batch_size, drop_remainder=True)
+        ds = ds.batch(self.local_batch_size, drop_remainder=True).map(self._add_audio)
         self.dataset = ds.repeat(options.num_epochs)
 
     def _make_sample(self, index: int, example_id: int) -> dict[str, np.ndarray]:
@@ -277,9 +293,12 @@ class Pipeline:
             deperf=self.options.deperf,
             keep_eos=self.options.keep_eos,
         )
-        sample.update(self.audio(example_id))
         sample["example_id"] = np.int32(example_id)
         return sample
+
+    def _add_audio(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Audio is read per batch: each cached clip is copied once, into its row of the batch."""
+        return {**batch, **self.audio.read_batch(batch["example_id"])}
 
     def iterator(self) -> grain.DatasetIterator:
         """A checkpointable iterator (``get_state()`` / ``set_state(state)``) over local batches."""

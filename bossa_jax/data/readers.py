@@ -23,8 +23,10 @@ POP909 (``root`` = the POP909 folder of the official repository)::
 PIAST (SPEC 6.2): ``<midi_root>/**/<stem>.mid`` with track 0 = piano performance (arrangement),
 track 1 = melody, chords as MIDI markers ``root_quality_bass``; audio
 ``<audio_root>/<stem>.{mp3,wav,flac,ogg}`` (or ``<audio_root>/<stem>/audio.<ext>``). The official
-code shifts PIAST audio so its first onset meets the first MIDI onset; that alignment belongs to
-the codes you store (``build_codes_store``'s ``encode_fn``), not to this reader.
+code shifts PIAST audio so its first onset meets the first MIDI onset (SPEC 1.1); that alignment
+belongs to the codes you store (``python -m bossa_jax.data.codes --dataset piast`` applies
+:func:`bossa_jax.data.align.align_to_midi` with :func:`piast_first_note_seconds`), not to this
+reader.
 
 JSONL manifest (your own data), one object per line; paths are relative to the manifest's folder::
 
@@ -194,6 +196,16 @@ def piast_sources(
     return sources
 
 
+def piast_first_note_seconds(midi: str | os.PathLike) -> float:
+    """Onset (seconds) of the first note of a PIAST file's piano track (its first track with notes,
+    the arrangement of :func:`bossa_jax.symbolic.leadsheet.read_piast`): the MIDI side of the
+    onset alignment (SPEC 1.1; official: pretty_midi ``instruments[0]``)."""
+    score = midi_io.load_midi(midi)
+    piano = next(t for t in score.tracks if len(t.notes))
+    first_tick = float(np.min(piano.notes.numpy()["time"]))
+    return float(midi_io.TempoMap.from_score(score).to_seconds(first_tick))
+
+
 def manifest_sources(
     path: str | os.PathLike, logger: logging.Logger | None = None
 ) -> tuple[list[SongSource], ReadSummary]:
@@ -203,6 +215,8 @@ def manifest_sources(
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as err:
         raise DataError(f"{path}: cannot read the manifest ({err.strerror})") from err
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not a text file; a manifest is JSON lines (UTF-8)") from err
     base = path.parent
     summary = ReadSummary()
     sources, seen = [], set()

@@ -118,7 +118,7 @@ def fake_codes(audio_path: str | os.PathLike, num_codebooks: int = 4) -> np.ndar
     frames = math.ceil(audio_io.audio_duration(audio_path) * audio_io.FRAME_RATE)
     seed = int.from_bytes(hashlib.sha256(Path(audio_path).name.encode()).digest()[:8], "big")
     return np.random.default_rng(seed).integers(
-        0, 2048, size=(num_codebooks, frames), dtype=np.int16
+        0, audio_io.PAD_CODE, size=(num_codebooks, frames), dtype=np.int16
     )
 
 
@@ -127,8 +127,9 @@ def fake_features(codes: np.ndarray, dim: int = 16) -> np.ndarray:
     (a fixed random embedding of each delay-pattern step's codes)."""
     codes = np.asarray(codes, dtype=np.int64)
     b, q, t = codes.shape
-    pattern = np.full((b, q, t + 4), 2048, dtype=np.int64)
+    pattern = np.full((b, q, t + audio_io.PATTERN_EXTRA), audio_io.PAD_CODE, dtype=np.int64)
     for k in range(q):
         pattern[:, k, k + 1 : k + 1 + t] = codes[:, k]
-    table = np.random.default_rng(1234).standard_normal((q, 2049, dim)).astype(np.float32)
+    rows = audio_io.PAD_CODE + 1
+    table = np.random.default_rng(1234).standard_normal((q, rows, dim)).astype(np.float32)
     return sum(table[k][pattern[:, k]] for k in range(q)) / q

@@ -77,7 +77,3 @@ class Embed(nnx.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        """Logits against the table (tied output layers)."""
-        return jnp.matmul(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)

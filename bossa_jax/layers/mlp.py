@@ -1,4 +1,5 @@
-"""Feed-forward blocks: plain (fc1 -> act -> fc2) and gated (act(gate) * up -> down)."""
+"""The feed-forward block: fc1 -> activation -> fc2 (MusicGen, the Q-Former and MuseCoco all use
+this plain form, SPEC 1.2, 2.1, 4.5)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 class MLP(nnx.Module):
-    """fc2(act(fc1(x))), or with ``gated`` down(act(gate(x)) * up(x))."""
+    """fc2(act(fc1(x)))."""
 
     def __init__(
         self,
@@ -33,7 +34,6 @@ class MLP(nnx.Module):
         hidden: int,
         *,
         act: str = "gelu",
-        gated: bool = False,
         use_bias: bool = True,
         dtype: jnp.dtype | None = None,
         param_dtype: jnp.dtype = jnp.float32,
@@ -49,10 +49,7 @@ class MLP(nnx.Module):
             rngs=rngs,
         )
         self.fc1 = Linear(features, hidden, axes=("embed", "mlp"), **common)
-        self.gate = Linear(features, hidden, axes=("embed", "mlp"), **common) if gated else None
         self.fc2 = Linear(hidden, features, axes=("mlp", "embed"), **common)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        fn = activation(self.act)
-        h = fn(self.gate(x)) * self.fc1(x) if self.gate is not None else fn(self.fc1(x))
-        return self.fc2(h)
+        return self.fc2(activation(self.act)(self.fc1(x)))

@@ -161,7 +161,10 @@ def stage2_labels(
     return jnp.concatenate([left, labels], axis=1).astype(jnp.int32)
 
 
-def save_stage2(path: str | os.PathLike, model: Stage2Model) -> Path:
+CHECKPOINT_KIND = "stage-2 checkpoint"
+
+
+def save_stage2(path: str | os.PathLike, model: Stage2Model, *, overwrite: bool = False) -> Path:
     """Writes a stage-2 model (parameters + the configs that build it) as a bossa-jax checkpoint;
     the MusicGen section is None when the model was built without MusicGen."""
     config = {
@@ -170,7 +173,7 @@ def save_stage2(path: str | os.PathLike, model: Stage2Model) -> Path:
         "musecoco": dataclasses.asdict(model.musecoco.cfg),
         "musicgen": None if model.musicgen is None else dataclasses.asdict(model.musicgen.cfg),
     }
-    return checkpoint.save_module(path, model, config)
+    return checkpoint.save_module(path, model, config, kind=CHECKPOINT_KIND, overwrite=overwrite)
 
 
 def load_stage2(path: str | os.PathLike, *, dtype: jnp.dtype | None = None) -> Stage2Model:

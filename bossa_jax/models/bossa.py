@@ -38,10 +38,10 @@ from bossa_jax import checkpoint
 from bossa_jax.config import Config, MusicgenConfig, QFormerConfig
 from bossa_jax.errors import CheckpointError
 from bossa_jax.layers import LayerNorm, Linear
+from bossa_jax.models import losses
 from bossa_jax.models.musicgen import MusicgenFeatures
 from bossa_jax.models.qformer import QFormer
 from bossa_jax.sharding import constrain
-from bossa_jax.train import losses
 
 PROJ_DIM = 256  # ITC embedding width (SPEC 2.3)
 TEMP_INIT = 0.07
@@ -219,7 +219,7 @@ class Stage1Model(nnx.Module):
         ``pad_mask`` (B, N) 0 on pads, ``audio_mask`` (B, S) 1 on valid audio steps; ``codes``
         (B, 4, S - 4) or cached ``features`` (B, S, encoder_width). ITM negatives are drawn from
         ``rng`` unless ``negatives = (neg_symbo_idx, neg_audio_idx)`` is given (see
-        :func:`~bossa_jax.train.losses.sample_hard_negatives`). ``deterministic=False`` turns
+        :func:`~bossa_jax.models.losses.sample_hard_negatives`). ``deterministic=False`` turns
         dropout on (keys derived from ``rng``). Metrics: ``loss``, ``itc``, ``itm``, ``itg``,
         ``itg_<field>`` for the 8 fields, ``temp``, ``neg_symbo_idx``, ``neg_audio_idx``.
         """
@@ -347,7 +347,10 @@ def stage1_loss_fn(
     return loss, metrics
 
 
-def save_stage1(path: str | os.PathLike, model: Stage1Model) -> Path:
+CHECKPOINT_KIND = "stage-1 checkpoint"
+
+
+def save_stage1(path: str | os.PathLike, model: Stage1Model, *, overwrite: bool = False) -> Path:
     """Writes a stage-1 model (parameters + the configs that build it) as a bossa-jax checkpoint;
     the MusicGen section is None when the model was built without MusicGen."""
     config = {
@@ -356,7 +359,7 @@ def save_stage1(path: str | os.PathLike, model: Stage1Model) -> Path:
         "musicgen": None if model.musicgen is None else dataclasses.asdict(model.musicgen.cfg),
         "proj_dim": model.audio_proj.out_features,
     }
-    return checkpoint.save_module(path, model, config)
+    return checkpoint.save_module(path, model, config, kind=CHECKPOINT_KIND, overwrite=overwrite)
 
 
 def load_stage1(path: str | os.PathLike, *, dtype: jnp.dtype | None = None) -> Stage1Model:

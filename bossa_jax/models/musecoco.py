@@ -183,7 +183,11 @@ class MuseCoco(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final LayerNorm and the untied head: (..., d) -> fp32 (..., vocab)."""
-        return self.lm_head(self.layer_norm(hidden)).astype(jnp.float32)
+        h = self.layer_norm(hidden)
+        # fp32 output straight from the matmul: bf16 logits would round the loss's inputs
+        return jnp.matmul(
+            h, self.lm_head.kernel[...].astype(h.dtype), preferred_element_type=jnp.float32
+        )
 
     # -- the recurrent form -------------------------------------------------------------------
 
@@ -224,9 +228,13 @@ class MuseCoco(nnx.Module):
         return self.logits(x), state
 
 
-def save_musecoco(path: str | os.PathLike, model: MuseCoco) -> Path:
+CHECKPOINT_KIND = "musecoco checkpoint"
+
+
+def save_musecoco(path: str | os.PathLike, model: MuseCoco, *, overwrite: bool = False) -> Path:
     """Writes a model (parameters + its config section) as a bossa-jax checkpoint."""
-    return checkpoint.save_module(path, model, {CONFIG_SECTION: dataclasses.asdict(model.cfg)})
+    config = {CONFIG_SECTION: dataclasses.asdict(model.cfg)}
+    return checkpoint.save_module(path, model, config, kind=CHECKPOINT_KIND, overwrite=overwrite)
 
 
 def load_musecoco(path: str | os.PathLike) -> MuseCoco:

@@ -146,9 +146,15 @@ def forward_flops(cfg: MusicgenConfig, batch: int, steps: int) -> int:
     return cfg.keep_layers * batch * steps * per_token
 
 
-def save_musicgen(path: str | os.PathLike, model: MusicgenFeatures) -> Path:
+CHECKPOINT_KIND = "musicgen checkpoint"
+
+
+def save_musicgen(
+    path: str | os.PathLike, model: MusicgenFeatures, *, overwrite: bool = False
+) -> Path:
     """Writes a converted model (parameters + its config) as a bossa-jax checkpoint."""
-    return checkpoint.save_module(path, model, {CONFIG_SECTION: dataclasses.asdict(model.cfg)})
+    config = {CONFIG_SECTION: dataclasses.asdict(model.cfg)}
+    return checkpoint.save_module(path, model, config, kind=CHECKPOINT_KIND, overwrite=overwrite)
 
 
 def load_musicgen(

@@ -12,7 +12,7 @@ Main entry points::
     remi.encode / prompt / stage2_sequence / decode     MuseCoco REMI ids (stage 2, inference)
     remi.to_score, events_to_score, add_sustain_pedal   tokens back to MIDI
     segment_song(song, n_frames) -> [Window]            4-bar windows + audio clip frames
-    augment / transpose / pad_codes                     transposition and clip padding
+    augment / transpose                                 transposition
 
 Command line: ``python -m bossa_jax.symbolic tokens FILE --codec remi|octuple`` and
 ``python -m bossa_jax.symbolic segments FILE`` (see ``__main__``).
@@ -45,7 +45,6 @@ from bossa_jax.symbolic.segment import (
     augment,
     clip_frames,
     draw_transposition,
-    pad_codes,
     segment_song,
     transpose,
 )
@@ -67,7 +66,6 @@ __all__ = [
     "load_midi",
     "midi_grid",
     "octuple",
-    "pad_codes",
     "parse_chord",
     "read_arrangement",
     "read_leadsheet",

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bossa_jax.errors import AudioError, ConfigError, run_cli
+from bossa_jax.audio import FRAME_RATE, check_audio
+from bossa_jax.cli import ArgumentParser
+from bossa_jax.errors import ConfigError, run_cli
 from bossa_jax.symbolic import octuple, remi
 from bossa_jax.symbolic.leadsheet import leadsheet_from_score, read_leadsheet, read_pop909
 from bossa_jax.symbolic.midi import load_midi
@@ -40,12 +42,7 @@ from bossa_jax.symbolic.notes import (
     arrangement_from_score,
     read_arrangement,
 )
-from bossa_jax.symbolic.segment import FRAME_RATE, segment_song
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line through run_cli, not argparse's usage dump
-        raise ConfigError(f"{self.prog}: {message}")
+from bossa_jax.symbolic.segment import segment_song
 
 
 def _parse_bars(text: str | None) -> tuple[int, int] | None:
@@ -121,15 +118,8 @@ def _print_octuple_bars(ids: np.ndarray) -> None:
 
 
 def _audio_frames(path: str) -> int:
-    import soundfile
-
-    try:
-        info = soundfile.info(path)
-    except (soundfile.SoundFileError, RuntimeError) as err:  # libsndfile's long texts
-        raise AudioError(f"{path}: cannot read audio ({str(err).splitlines()[0]})") from err
-    if info.frames == 0 or info.samplerate <= 0:
-        raise AudioError(f"{path}: the audio file is empty")
-    return math.ceil(info.frames / info.samplerate * FRAME_RATE)
+    """Code frames of the audio, which passes the features command's rule (audio.check_audio)."""
+    return math.ceil(check_audio(path) * FRAME_RATE)
 
 
 def _segments(args: argparse.Namespace) -> int:
@@ -172,8 +162,10 @@ def _segments(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = _Parser(prog="python -m bossa_jax.symbolic", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = ArgumentParser(
+        prog="python -m bossa_jax.symbolic", description=__doc__.split("\n\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     tok = sub.add_parser("tokens", help="print a MIDI file's tokens")
     tok.add_argument("file")
     tok.add_argument("--codec", choices=("remi", "octuple"), required=True)

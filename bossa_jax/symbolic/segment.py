@@ -7,10 +7,12 @@ first arrangement note with onset >= downbeat[idx]; windows with no arrangement 
 note are skipped.
 
 Audio clip: centre frame = round(((t_start + t_end) * 50) // 2) with t_start/t_end the downbeats
-idx and idx+4; clip = frames [centre - 254, centre + 254). By default the clip is CLAMPED into the
-file, as at inference (fixes SPEC 10.12: the official training loader wraps a negative start and
-usually gets an empty clip); audio shorter than 508 frames gives start 0 and its whole length, to be
-right-padded with code 2048 (:func:`pad_codes`). ``clamp=False`` reproduces the official slice.
+idx and idx+4; clip = frames [centre - 254, centre + 254) for the default 508-frame clip
+(``clip_frames``; the constants live in :mod:`bossa_jax.audio`). By default the clip is CLAMPED
+into the file, as at inference (:func:`bossa_jax.audio.clip_placement`; fixes SPEC 10.12: the
+official training loader wraps a negative start and usually gets an empty clip); audio shorter
+than the clip gives start 0 and its whole length, to be right-padded with code 2048
+(:func:`bossa_jax.audio.pad_codes`). ``clamp=False`` reproduces the official slice.
 
 Transposition: one integer shift per draw, uniform in [-6, +5], applied to the arrangement (drums,
 instrument 128, excluded) and the lead sheet; the audio is untouched. Tables are copied.
@@ -22,12 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bossa_jax.audio import CLIP_FRAMES, FRAME_RATE, clip_placement
 from bossa_jax.symbolic.notes import BAR, DRUM_INSTRUMENT, INSTRUMENT, PITCH, NoteTable, Song
 
-FRAME_RATE = 50
-CLIP_FRAMES = 508  # 10.16 s
-PATTERN_STEPS = 4  # MusicGen delay pattern adds 4 steps: masks have 512 positions
-CODE_PAD = 2048
 WINDOW_BARS = 4
 HOP_BARS = 2
 TRANSPOSE_MIN, TRANSPOSE_MAX = -6, 5
@@ -42,7 +41,7 @@ class Window:
     t_start: float
     t_end: float
     clip_start: int  # first audio frame
-    clip_frames: int  # valid frames (508 unless the audio is shorter)
+    clip_frames: int  # valid frames (the clip length, 508, unless the audio is shorter)
     arrangement: NoteTable
     leadsheet: NoteTable
 
@@ -61,43 +60,29 @@ def clip_centre(t_start: float, t_end: float) -> int:
 
 
 def clip_frames(
-    t_start: float, t_end: float, n_frames: int | None, *, clamp: bool = True
+    t_start: float,
+    t_end: float,
+    n_frames: int | None,
+    *,
+    clamp: bool = True,
+    length: int = CLIP_FRAMES,
 ) -> tuple[int, int]:
-    """(first frame, number of valid frames) of the 508-frame clip centred on [t_start, t_end).
+    """(first frame, number of valid frames) of the ``length``-frame clip (508: 10.16 s) centred
+    on [t_start, t_end).
 
-    ``clamp``: shifted into [0, n_frames) like inference; whole file when it is shorter than 508
-    frames. Otherwise the official training slice ``codes[:, c-254 : min(c+254, T)]`` with Python's
-    wrap-around of a negative start. ``n_frames=None``: no audio known, the start clamped at 0.
+    ``clamp``: shifted into [0, n_frames) like inference (:func:`bossa_jax.audio.clip_placement`);
+    whole file when it is shorter than the clip. Otherwise the official training slice
+    ``codes[:, c-254 : min(c+254, T)]`` with Python's wrap-around of a negative start.
+    ``n_frames=None``: no audio known, the start clamped at 0.
     """
     centre = clip_centre(t_start, t_end)
-    start, end = centre - CLIP_FRAMES // 2, centre + CLIP_FRAMES // 2
+    start, end = centre - length // 2, centre + length // 2
     if n_frames is None:
-        return max(start, 0), CLIP_FRAMES
+        return max(start, 0), length
     if clamp:
-        if n_frames <= CLIP_FRAMES:
-            return 0, n_frames
-        if start < 0:
-            return 0, CLIP_FRAMES
-        if end > n_frames:
-            return n_frames - CLIP_FRAMES, CLIP_FRAMES
-        return start, CLIP_FRAMES
+        return clip_placement(centre, n_frames, length)
     s, e, _ = slice(start, min(end, n_frames)).indices(n_frames)
     return s, max(0, e - s)
-
-
-def pad_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A clip of codes (4, L <= 508) -> (codes (4, 508) right-padded with 2048, mask (512,) float32
-    with zeros on the last 508 - L positions) (SPEC 1.1, 6.5)."""
-    codes = np.asarray(codes)
-    length = codes.shape[1]
-    if length > CLIP_FRAMES:
-        codes, length = codes[:, :CLIP_FRAMES], CLIP_FRAMES
-    pad = CLIP_FRAMES - length
-    out = np.pad(codes, ((0, 0), (0, pad)), constant_values=CODE_PAD)
-    mask = np.ones(CLIP_FRAMES + PATTERN_STEPS, dtype=np.float32)
-    if pad:
-        mask[-pad:] = 0
-    return out, mask
 
 
 def segment_song(
@@ -107,9 +92,11 @@ def segment_song(
     clamp: bool = True,
     bars: int = WINDOW_BARS,
     hop: int = HOP_BARS,
+    clip_length: int = CLIP_FRAMES,
 ) -> list[Window]:
     """The song's windows (see the module docstring). ``n_frames``: length of its audio codes at
-    50 Hz (None: no audio check, clip start only clamped at 0)."""
+    50 Hz (None: no audio check, clip start only clamped at 0); ``clip_length``: the clip's frames
+    (``audio.clip_frames``)."""
     db = np.asarray(song.downbeat_times, dtype=np.float64)
     arr, ls = song.arrangement, song.leadsheet
     if len(arr) == 0:
@@ -128,7 +115,7 @@ def segment_song(
         arr_w, ls_w = arr.bars(b0, b0 + bars), ls.bars(b0, b0 + bars)
         if len(arr_w) == 0 or len(ls_w) == 0:
             continue
-        start, length = clip_frames(t0, t1, n_frames, clamp=clamp)
+        start, length = clip_frames(t0, t1, n_frames, clamp=clamp, length=clip_length)
         windows.append(Window(idx, b0, t0, t1, start, length, arr_w, ls_w))
     return windows
 

@@ -249,7 +249,8 @@ def batch_spec(config: Config, global_batch: int) -> dict[str, jax.ShapeDtypeStr
         spec["codes"] = jax.ShapeDtypeStruct((global_batch, 4, frames), jnp.int32)
     else:
         width = config.qformer.encoder_width
-        spec["features"] = jax.ShapeDtypeStruct((global_batch, steps, width), jnp.bfloat16)
+        dtype = jnp.dtype(config.stage1.feature_dtype)
+        spec["features"] = jax.ShapeDtypeStruct((global_batch, steps, width), dtype)
     return spec
 
 
@@ -425,7 +426,9 @@ def load_split(config: Config, split: str) -> Stage1Split:
         records = [r for r in records if r.id in codes]
     if not records:
         raise DataError(f"no readable songs with codes in the {split!r} split of {cfg.data_dir}")
-    index = pl.build_index(records, codes, clamp=cfg.clamp_clips)
+    index = pl.build_index(
+        records, codes, clamp=cfg.clamp_clips, clip_length=config.audio.clip_frames
+    )
     if cfg.audio_input == "codes":
         return Stage1Split(split, index, pl.AudioSource(index, codes=codes))
     if cfg.feature_cache_dir:
@@ -438,11 +441,17 @@ def load_split(config: Config, split: str) -> Stage1Split:
         )
     if (cache_root / fc.MANIFEST).is_file():
         cache = fc.FeatureCache(cache_root)
+        if cache.dtype != np.dtype(fc.dtype_of(cfg.feature_dtype)):
+            raise ConfigError(
+                f"config key 'stage1.feature_dtype': {cfg.feature_dtype}, but the feature cache "
+                f"{cache_root} stores {cache.dtype}; set the key to match or use another folder"
+            )
     else:
         compute, compute_id = _feature_fn(config)
         cache = fc.build_feature_cache(
-            cache_root, index.clips, codes.codes, compute, compute_id=compute_id, progress=False
-        )
+            cache_root, index.clips, codes.codes, compute, compute_id=compute_id,
+            dtype=cfg.feature_dtype, progress=False,
+        )  # fmt: skip
     return Stage1Split(split, index, pl.AudioSource(index, features=cache))
 
 

@@ -38,6 +38,7 @@ from jax.sharding import Mesh
 from bossa_jax import sharding
 from bossa_jax.config import Config, Stage2Config
 from bossa_jax.errors import ConfigError
+from bossa_jax.models import losses
 from bossa_jax.models.arranger import (
     IGNORE_INDEX,
     TRAINABLE_SETS,
@@ -46,7 +47,7 @@ from bossa_jax.models.arranger import (
 )
 from bossa_jax.models.bossa import load_stage1
 from bossa_jax.models.musecoco import load_musecoco
-from bossa_jax.train import loop, losses
+from bossa_jax.train import loop
 from bossa_jax.train.optim import make_optimizer
 from bossa_jax.train.stage1 import (
     _host_loading,

@@ -13,6 +13,7 @@ import torch
 from flax import nnx
 from transformers import MusicgenDecoderConfig, MusicgenModel
 
+from bossa_jax.cli import UsageError
 from bossa_jax.config import load_config
 from bossa_jax.errors import CheckpointError
 from bossa_jax.models.bossa import load_stage1
@@ -167,5 +168,25 @@ def test_cli_round_trip(official, tmp_path, capsys):
     assert restored.keys() == direct.keys()
     for key in direct:
         np.testing.assert_array_equal(restored[key], direct[key])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--stage: invalid choice: 2"):  # one line, exit 2
         main([str(source), str(out / "x"), "--stage", "2"])
+
+
+def test_projection_width_comes_from_the_checkpoint(official):
+    """A stage-1 file whose ITC projections are 64 wide (not the paper's 256) converts to 64."""
+    tensors, _, _ = official
+    rng = np.random.default_rng(3)
+    width = 64
+    narrow = dict(tensors)
+    for head in ("audio_proj", "symbo_proj"):
+        d = tensors[f"{head}.weight"].shape[1]
+        narrow[f"{head}.weight"] = rng.standard_normal((width, d)).astype(np.float32)
+        narrow[f"{head}.bias"] = rng.standard_normal(width).astype(np.float32)
+    model = convert_stage1(narrow, CFG, with_musicgen=False)
+    assert model.audio_proj.out_features == width and model.symbo_proj.out_features == width
+    params = _params(model)
+    np.testing.assert_array_equal(params["audio_proj.kernel"], narrow["audio_proj.weight"].T)
+    np.testing.assert_array_equal(params["symbo_proj.bias"], narrow["symbo_proj.bias"])
+    mixed = dict(narrow, **{k: tensors[k] for k in ("symbo_proj.weight", "symbo_proj.bias")})
+    with pytest.raises(CheckpointError, match="shape mismatch for 'symbo_proj.weight'"):
+        convert_stage1(mixed, CFG, with_musicgen=False)

@@ -47,3 +47,61 @@ def test_empty_and_missing_files(tmp_path):
     (tmp_path / "text.pt").write_text("hello")
     with pytest.raises(CheckpointError, match="not a readable"):
         load_state_dict(tmp_path / "text.pt")
+
+
+def test_bf16_stays_bf16_through_the_read_path(tmp_path):
+    """safetensors and torch pickles keep bf16 (as ml_dtypes.bfloat16, same bits): no fp32 copy
+    of the state dict is ever made; a dtype is only applied where a converter asks for one."""
+    import ml_dtypes
+    from safetensors.torch import save_file
+
+    weight = torch.randn(3, 5).to(torch.bfloat16)
+    state = {"w": weight, "b": torch.arange(4, dtype=torch.int64), "h": torch.ones(2).half()}
+    save_file(state, str(tmp_path / "m.safetensors"))
+    torch.save(state, tmp_path / "m.pt")
+    for name in ("m.safetensors", "m.pt"):
+        tensors = load_state_dict(tmp_path / name)
+        assert tensors["w"].dtype == ml_dtypes.bfloat16, name
+        assert tensors["h"].dtype == np.float16 and tensors["b"].dtype == np.int64, name
+        np.testing.assert_array_equal(tensors["w"].astype(np.float32), weight.float().numpy())
+
+
+def test_tensors_are_read_on_access_one_at_a_time(tmp_path, monkeypatch):
+    """Listing keys reads no tensor; each access reads that one tensor (safetensors'
+    ``get_tensor``); pickles are memory-mapped."""
+    import safetensors
+    from safetensors.torch import save_file
+
+    save_file(
+        {f"w{i}": torch.full((4,), float(i)) for i in range(3)}, str(tmp_path / "m.safetensors")
+    )
+    reads = []
+    real_open = safetensors.safe_open
+
+    class CountingHandle:
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def get_tensor(self, key):
+            reads.append(key)
+            return self.handle.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", CountingHandle)
+    tensors = load_state_dict(tmp_path / "m.safetensors")
+    assert sorted(tensors) == ["w0", "w1", "w2"] and reads == []
+    assert float(tensors["w1"][0]) == 1.0 and reads == ["w1"]
+
+    mmap_flags = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        mmap_flags.append(kwargs.get("mmap"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    torch.save({"w": torch.ones(2)}, tmp_path / "m.pt")
+    assert load_state_dict(tmp_path / "m.pt")["w"].shape == (2,)
+    assert mmap_flags == [True]

@@ -4,7 +4,6 @@ MuseCoco, round trip, the official key list, and bad checkpoints named in one li
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,8 +16,8 @@ from bossa_jax.errors import CheckpointError, run_cli
 from convert.musecoco import IGNORED, convert_musecoco, load_musecoco, main, source_keys
 from convert.musecoco import to_hf_state_dict as export
 from tests.models.test_musecoco import CFG, forward, inputs, reference, state_dict
+from tests.shared_reference import shared_file
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "musecoco-1b"
 HEADS = ["--num-heads", str(CFG.num_attention_heads)]
 
 
@@ -38,9 +37,7 @@ def _logits(ref, tokens, pad):
 
 
 def test_key_names_are_the_official_list():
-    path = REFERENCE / "state_dict_keys.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
+    path = shared_file("reference/musecoco-1b/state_dict_keys.json")
     official = json.loads(path.read_text())
     ours = source_keys(MuseCocoConfig(lora=False)) + list(IGNORED)
     assert sorted(ours) == sorted(official) and len(official) == 389

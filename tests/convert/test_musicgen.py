@@ -25,6 +25,7 @@ from transformers import MusicgenForCausalLM, MusicgenForConditionalGeneration
 
 from bossa_jax.errors import CheckpointError
 from bossa_jax.models.musicgen import delay_pattern
+from convert.common import param_paths
 from convert.musicgen import (
     convert_musicgen,
     load_musicgen,
@@ -274,3 +275,71 @@ def test_audiocraft_fused_qkv_shape_is_named(audiocraft):
     state["transformer.layers.1.self_attn.in_proj_weight"] = np.zeros((90, 32), np.float32)
     with pytest.raises(CheckpointError, match=r"layers\.1\.self_attn\.in_proj_weight.*\(96, 32\)"):
         convert_musicgen(state, keep_layers=2, num_heads=4)
+
+
+# ------------------------------------------------------------------------------- never guess
+
+
+def test_state_dict_without_config_needs_num_heads(tmp_path, hf_full, hf_truncated):
+    """No config.json and no --num-heads: refused (the old default of 64-wide heads would have
+    built 1 head here and wrong features); with --num-heads 4 it matches HF."""
+    from safetensors.numpy import save_file
+
+    source = tmp_path / "model.safetensors"  # a bare state dict, no config.json beside it
+    save_file(_state(hf_full), str(source))
+    with pytest.raises(CheckpointError, match=r"head count: pass --num-heads"):
+        convert_musicgen(source, keep_layers=KEEP)
+    with pytest.raises(CheckpointError, match=r"--num-heads"):
+        main([str(source), str(tmp_path / "out"), "--keep-layers", str(KEEP)])
+    assert not (tmp_path / "out").exists()
+    model = convert_musicgen(source, keep_layers=KEEP, num_heads=4)
+    codes = random_codes(2, 12, seed=9)
+    want = bossa_reference(hf_truncated, codes)
+    np.testing.assert_allclose(run(model, codes), want, atol=1e-4, rtol=0)
+
+
+def test_num_heads_contradicting_config_json_is_an_error(tmp_path, hf_full):
+    hf_full.save_pretrained(tmp_path / "src")
+    with pytest.raises(CheckpointError, match="contradicts config.json"):
+        convert_musicgen(tmp_path / "src", keep_layers=KEEP, num_heads=2)
+
+
+def test_official_bossa_stage1_layout_equals_hf_layout(tmp_path, hf_full):
+    """``musicgen_decoder.decoder.*`` (the released stage-1 file, SPEC 7) converts to the same
+    parameters as the HF layout; the rest of the BOSSA model in the file is ignored."""
+    decoder = hf_full.decoder.model.decoder.state_dict()
+    official = {f"musicgen_decoder.decoder.{k}": v.numpy().copy() for k, v in decoder.items()}
+    official["musicgen_enc_to_dec_proj.weight"] = np.zeros((32, 24), np.float32)
+    official["Qformer.bert.embeddings.word_embeddings.weight"] = np.zeros((5, 8), np.float32)
+    official["query_tokens"] = np.zeros((1, 2, 8), np.float32)
+    official["temp"] = np.float32(0.07)
+    path = tmp_path / "bossa_stage1.pt"
+    torch.save({k: torch.as_tensor(v) for k, v in official.items()}, path)
+    from_official = convert_musicgen(path, keep_layers=KEEP, num_heads=4)
+    from_hf = convert_musicgen(
+        _state(hf_full), keep_layers=KEEP, hf_config=hf_full.config.to_dict()
+    )
+    assert from_official.cfg == from_hf.cfg
+    want = {k: np.asarray(v[...]) for k, v in param_paths(from_hf).items()}
+    got = {k: np.asarray(v[...]) for k, v in param_paths(from_official).items()}
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    with pytest.raises(CheckpointError, match="--num-heads"):  # the file holds no head count
+        convert_musicgen(path, keep_layers=KEEP)
+
+
+def test_bf16_source_stays_bf16_unless_a_dtype_is_asked(tmp_path, hf_full):
+    from safetensors.torch import save_file
+
+    source = tmp_path / "model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in hf_full.state_dict().items()}, str(source))
+    kept = convert_musicgen(source, keep_layers=KEEP, num_heads=4)
+    assert kept.cfg.dtype == "bfloat16"
+    assert kept.layers.mlp.fc1.kernel.dtype == jnp.bfloat16
+    bits = hf_full.state_dict()["decoder.model.decoder.layers.0.fc1.weight"].to(torch.bfloat16)
+    np.testing.assert_array_equal(
+        np.asarray(kept.layers.mlp.fc1.kernel[...][0], np.float32), bits.float().numpy().T
+    )
+    asked = convert_musicgen(source, keep_layers=KEEP, num_heads=4, dtype="float32")
+    assert asked.cfg.dtype == "float32" and asked.layers.mlp.fc1.kernel.dtype == jnp.float32

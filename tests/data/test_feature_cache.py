@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -28,16 +29,49 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def test_record_round_trip_keeps_dtypes_and_bf16_bits():
+def test_store_round_trip_keeps_dtypes_bf16_bits_and_ragged_records(tmp_path):
     rng = np.random.default_rng(0)
-    feats = rng.standard_normal((3, 5)).astype(ml_dtypes.bfloat16)
-    arrays = {"f": feats, "m": np.array([1.0, 0.0], np.float32), "c": np.arange(6, dtype=np.int16)}
-    back = fc.decode_record(fc.encode_record(arrays))
-    assert list(back) == ["f", "m", "c"]
-    assert back["f"].dtype == ml_dtypes.bfloat16
-    np.testing.assert_array_equal(back["f"].view(np.uint16), feats.view(np.uint16))
-    np.testing.assert_array_equal(back["m"], arrays["m"])
-    assert back["c"].dtype == np.int16 and back["c"].tolist() == list(range(6))
+    records = [
+        {
+            "f": rng.standard_normal((3, 5)).astype(ml_dtypes.bfloat16),
+            "m": rng.standard_normal(7).astype(np.float32),
+            "c": rng.integers(-9, 9, size=(2, 1 + 3 * i)).astype(np.int16),
+        }
+        for i in range(7)
+    ]
+    fc.build_store(
+        tmp_path / "s", kind="test", keys=[f"k{i}" for i in range(7)], shard_size=3,
+        make_records=lambda idx: [records[i] for i in idx], compute_id="t", ragged=("c",),
+        progress=False,
+    )  # fmt: skip
+    store = fc.Store(tmp_path / "s", "test")
+    assert len(store.shards) == 3 and list(store.fields) == ["f", "m", "c"]
+    for shard in store.shards:  # blocks start on page boundaries
+        assert all(f.offset % fc.ALIGN == 0 for f in shard.fields)
+    for i in range(7):
+        back = store.get(f"k{i}")
+        assert back["f"].dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(back["f"].view(np.uint16), records[i]["f"].view(np.uint16))
+        np.testing.assert_array_equal(back["m"], records[i]["m"])
+        assert back["c"].dtype == np.int16
+        np.testing.assert_array_equal(back["c"], records[i]["c"])
+    order = [6, 0, 4, 4, 2]  # across shards, repeated, out of order
+    out = np.zeros((5, 7), np.float32)
+    assert store.read("m", order, out=out) is out
+    np.testing.assert_array_equal(out, np.stack([records[i]["m"] for i in order]))
+    feats = store.read("f", order)
+    np.testing.assert_array_equal(
+        feats.view(np.uint16), np.stack([records[i]["f"] for i in order]).view(np.uint16)
+    )
+    copy = pickle.loads(pickle.dumps(store))  # as grain's worker processes receive it
+    np.testing.assert_array_equal(copy.read("m", order), out)
+    np.testing.assert_array_equal(copy.get("k5")["c"], records[5]["c"])
+    with pytest.raises(IndexError):
+        store.read("m", [7])
+    with pytest.raises(ValueError, match="ragged"):
+        store.read("c", [0])
+    with pytest.raises(DataError, match="expected features"):
+        fc.FeatureCache(tmp_path / "s")
 
 
 def test_codes_store_matches_encoder(corpus):
@@ -112,7 +146,7 @@ def test_sigkilled_build_resumes_to_identical_store(corpus, tmp_path):
     resumed = _build(out, corpus, counting)
     assert sum(computed) == 18 - 2 * SHARD  # the two complete shards were kept
     assert resumed.store.checksums() == reference.store.checksums()
-    for name in [p.name for p in (tmp_path / "reference").glob("shard-*.arrayrecord")]:
+    for name in [p.name for p in (tmp_path / "reference").glob("shard-*.bin")]:
         assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
     assert not list(out.glob(".shard-*"))
     resumed.store.verify()
@@ -127,7 +161,7 @@ def test_corrupt_shard_is_rebuilt_and_other_compute_refused(corpus, tmp_path):
     (out / "building.json").write_text(
         json.dumps({"fingerprint": first.store.manifest["fingerprint"]})
     )
-    shard = out / "shard-00001.arrayrecord"
+    shard = out / "shard-00001.bin"
     data = bytearray(shard.read_bytes())
     data[100] ^= 0xFF
     shard.write_bytes(bytes(data))
@@ -149,3 +183,24 @@ def test_corrupt_shard_is_rebuilt_and_other_compute_refused(corpus, tmp_path):
         )  # fmt: skip
     with pytest.raises(DataError, match="other clips"):
         first.check_clips(index.clips[:-1])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_feature_dtype_option_stores_and_reads_that_dtype(corpus, tmp_path, dtype):
+    index, codes = load_index(corpus)
+    clips = index.clips[:5]
+    cache = fc.build_feature_cache(
+        tmp_path / dtype, clips, codes.codes, synthetic.fake_features, compute_id="f",
+        dtype=dtype, shard_size=2, progress=False,
+    )  # fmt: skip
+    assert cache.dtype == np.dtype(dtype)
+    padded = np.stack([fc.clip_codes(codes.codes(c.song_id), c)[0] for c in clips])
+    expected = synthetic.fake_features(padded).astype(dtype)
+    batch = cache.read_batch([4, 1, 3])
+    assert batch["features"].dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(batch["features"], expected[[4, 1, 3]])
+    with pytest.raises(DataError, match="feature dtype"):
+        fc.build_feature_cache(
+            tmp_path / "x", clips, codes.codes, synthetic.fake_features, compute_id="f",
+            dtype="int8", progress=False,
+        )  # fmt: skip

@@ -1,7 +1,5 @@
 """Shared layers against PyTorch/HF references (issue 2 item 5)."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +17,7 @@ from bossa_jax.layers import (
     fairseq_positions,
     musicgen_positions,
 )
+from tests.reference.musecoco_torch import fairseq_table, make_positions
 
 
 def test_musicgen_positions_match_hf():
@@ -39,15 +38,7 @@ def test_musicgen_positions_match_hf():
 
 def _fairseq_reference(tokens: torch.Tensor, dim: int, padding_idx: int) -> torch.Tensor:
     """fairseq SinusoidalPositionalEmbedding as SPEC 4.5 describes it (sin half first)."""
-    half = dim // 2
-    freq = torch.exp(torch.arange(half, dtype=torch.float) * -(math.log(10000) / (half - 1)))
-    n = 8194
-    table = torch.arange(n, dtype=torch.float).unsqueeze(1) * freq.unsqueeze(0)
-    table = torch.cat([torch.sin(table), torch.cos(table)], dim=1)
-    table[padding_idx] = 0
-    mask = tokens.ne(padding_idx).int()
-    positions = (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + padding_idx
-    return table[positions]
+    return fairseq_table(8194, dim, padding_idx)[make_positions(tokens, padding_idx)]
 
 
 def test_fairseq_positions_match_reference():

@@ -10,9 +10,11 @@ from flax import nnx
 from bossa_jax.layers import (
     CausalLinearAttention,
     LinearAttentionState,
-    causal_linear_attention,
     linear_attention_step,
 )
+from bossa_jax.layers import causal_linear_attention as _parallel
+
+causal_linear_attention = jax.jit(_parallel, static_argnames="chunk_size")
 
 B, L, H, D, DV = 2, 13, 3, 5, 4
 

@@ -16,8 +16,8 @@ import torch
 from flax import nnx
 
 from bossa_jax.config import load_config
+from bossa_jax.models import losses
 from bossa_jax.models.bossa import TRAINABLE, Stage1Model, stage1_loss_fn
-from bossa_jax.train import losses
 from convert.bossa import stage1_values
 from convert.common import fill
 from tests.reference.losses_torch import Stage1Torch

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,8 @@ from flax import nnx
 
 from bossa_jax.config import MuseCocoConfig, load_config
 from bossa_jax.layers import merge_lora
+from bossa_jax.models.losses import cross_entropy
 from bossa_jax.models.musecoco import MuseCoco
-from bossa_jax.train.losses import cross_entropy
 from convert.musecoco import convert_musecoco
 from tests.reference.musecoco_torch import MuseCocoLM, shifted_loss
 
@@ -33,9 +34,10 @@ PRODUCTS = [
     "torch",
     pytest.param(
         "fast_transformers",
+        # CI installs the kernel (.ci/run): there a missing one fails instead of skipping
         marks=pytest.mark.skipif(
-            importlib.util.find_spec("fast_transformers") is None,
-            reason="pytorch-fast-transformers not installed",
+            importlib.util.find_spec("fast_transformers") is None and not os.environ.get("CI"),
+            reason="pytorch-fast-transformers not installed (.ci/run builds it)",
         ),
     ),
 ]
@@ -228,3 +230,61 @@ def test_paper_shapes_match_the_official_model():
     # SPEC 4.2 / 4.5: 1,212,161,472 base parameters and 4,709,376 LoRA parameters
     assert count(nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))) == 1_212_161_472
     assert count(nnx.LoRAParam) == 4_709_376
+
+
+def test_sharded_creation_and_forward_on_eight_devices(weights, model):
+    from bossa_jax import sharding
+
+    cfg = load_config("configs/tiny.yaml", ["mesh.shape.fsdp=2", "mesh.shape.tensor=2"])
+    mesh = sharding.make_mesh(cfg.mesh)
+    tokens, pad, _, prefix = inputs(seed=6)
+    expected = forward(model, jnp.asarray(tokens), jnp.asarray(pad), jnp.asarray(prefix), 5)
+    with sharding.use_mesh(mesh, sharding.rules_of(cfg.mesh)):
+        sharded = sharding.create_sharded(lambda: MuseCoco(model.cfg, rngs=nnx.Rngs(0)))
+        nnx.update(
+            sharded,
+            jax.device_put(nnx.state(model), sharding.named_shardings(nnx.state(sharded), mesh)),
+        )
+        spec = jax.sharding.PartitionSpec
+        fc1 = sharded.layers.mlp.fc1.kernel[...]
+        assert fc1.sharding.spec == spec(None, "fsdp", "tensor")  # (layers, embed, mlp)
+        lora_a = sharded.layers.self_attn.q_proj.lora.a[...]
+        assert lora_a.sharding.spec == spec(None, "fsdp", None)  # (layers, embed, lora)
+        # q/k/v are 63 wide: tensor=2 cannot split them, so they are replicated along it
+        assert sharded.layers.self_attn.q_proj.kernel[...].sharding.spec == spec(None, "fsdp", None)
+        got = forward(sharded, jnp.asarray(tokens), jnp.asarray(pad), jnp.asarray(prefix), 5)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+
+
+def test_lora_gradients_match_torch(weights):
+    """The trainable filter (nnx.LoRAParam) and the backward pass through the chunked scan: the
+    loss gradients of every LoRA matrix equal torch's."""
+    ref = reference()
+    adapted = convert_musecoco(weights, num_heads=CFG.num_attention_heads)
+    tokens, pad, labels, prefix = inputs(seed=9)
+    full = np.concatenate([np.full((2, PREFIX), -100), labels], 1)
+    out = ref(torch.tensor(tokens), torch.tensor(pad), torch.tensor(prefix), pos_start=POS_START)
+    shifted_loss(out, torch.tensor(full)).backward()
+    graphdef, lora, rest = nnx.split(adapted, nnx.LoRAParam, ...)
+
+    @jax.jit
+    def loss(lora, rest):
+        model = nnx.merge(graphdef, lora, rest)
+        logits = model(jnp.asarray(tokens), jnp.asarray(pad), jnp.asarray(prefix), POS_START)
+        return jax_loss(logits, full)
+
+    grads = jax.grad(loss)(lora, rest)
+    layers = ref.decoder.layers
+    for p in ("q", "k", "v"):
+        for flax_name, torch_name in (("a", "lora_A"), ("b", "lora_B")):
+            got = np.asarray(grads["layers"]["self_attn"][f"{p}_proj"]["lora"][flax_name][...])
+            expected = np.stack(
+                [
+                    getattr(getattr(l.self_attn, f"lora_{p}"), torch_name).grad.numpy().T
+                    for l in layers
+                ]
+            )
+            scale = np.abs(expected).max()
+            assert scale > 1e-6  # a real gradient, not two zeros
+            # the gradients are small (near-uniform logits): compare relative to their size
+            np.testing.assert_allclose(got / scale, expected / scale, atol=1e-4, err_msg=p)

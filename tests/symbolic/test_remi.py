@@ -1,7 +1,6 @@
 """MuseCoco REMI codec, stage-2 sequence, decoding and pedal (SPEC 4.3, 5.1, 8.2, 11.2, 11.11)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,13 +9,12 @@ from bossa_jax.errors import DataError
 from bossa_jax.symbolic import midi as midi_io
 from bossa_jax.symbolic import notes, remi
 from bossa_jax.symbolic.leadsheet import leadsheet_from_score
+from tests.shared_reference import shared_file
 
-SHARED_VOCAB = Path(__file__).resolve().parents[3] / "shared/reference/musecoco-1b/vocab.json"
 
-
-@pytest.mark.skipif(not SHARED_VOCAB.exists(), reason="shared reference not present")
 def test_packaged_vocab_equals_reference():
-    assert remi.VOCAB == json.loads(SHARED_VOCAB.read_text())
+    vocab = shared_file("reference/musecoco-1b/vocab.json")
+    assert remi.VOCAB == json.loads(vocab.read_text())
 
 
 def test_family_id_ranges_spec_5_1():

@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from bossa_jax.audio import clip_placement
+from bossa_jax.data.feature_cache import ClipRef, clip_codes
 from bossa_jax.symbolic import notes, segment
 
 
@@ -51,11 +53,35 @@ def test_clip_clamping_and_stop_rules():
     assert (official[1].clip_start, official[1].clip_frames) == (346, 508)
     # audio shorter than a clip: start 0 and its whole length
     assert segment.clip_frames(0.0, 8.0, 300) == (0, 300)
-    codes, mask = segment.pad_codes(np.zeros((4, 300), dtype=np.int64))
+    codes, mask = clip_codes(np.zeros((4, 300), dtype=np.int64), ClipRef("s", 0, 300))
     assert (
         codes.shape == (4, 508) and (codes[:, 300:] == 2048).all() and (codes[:, :300] == 0).all()
     )
     assert mask.shape == (512,) and mask[:304].all() and not mask[304:].any()
+
+
+def test_clip_length_is_honoured():
+    """``audio.clip_frames`` other than 508 reaches the windows, the index and the padded codes,
+    so the batches match ``stage1.batch_spec`` (it used to be 508 whatever the config said)."""
+    length = 100
+    windows = segment.segment_song(_song(), n_frames=1200, clip_length=length)
+    # centres 200, 600, 800 (as above) -> starts centre - 50, all inside the file
+    assert [(w.clip_start, w.clip_frames) for w in windows] == [(150, 100), (550, 100), (750, 100)]
+    assert segment.clip_frames(0.0, 8.0, 60, length=length) == (0, 60)
+    codes, mask = clip_codes(np.ones((4, 1200), np.int64), ClipRef("s", 1150, 50, length))
+    assert codes.shape == (4, length) and (codes[:, 50:] == 2048).all()
+    assert mask.shape == (length + 4,) and mask[:54].all() and not mask[54:].any()
+    # a cache of other-length clips never matches a 508-frame index
+    assert ClipRef("s", 0, 50, length).key != ClipRef("s", 0, 50).key
+
+
+def test_one_clamped_placement_for_audio_codes_and_windows():
+    """audio.load_clip, features.load_codes and the training windows place a clip alike."""
+    for centre, total in ((10, 2000), (1990, 2000), (700, 2000), (30, 300)):
+        start, valid = clip_placement(centre, total)
+        assert valid == min(508, total) and 0 <= start <= max(0, total - 508)
+        t = (centre + 0.5) / 50  # t_start = t_end = t gives the centre frame
+        assert segment.clip_frames(t, t, total) == (start, valid)
 
 
 def test_transposition_range_drums_and_copies():

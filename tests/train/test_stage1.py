@@ -13,6 +13,7 @@ from flax import nnx
 from bossa_jax import sharding
 from bossa_jax.config import load_config
 from bossa_jax.data.pipeline import to_global
+from bossa_jax.errors import ConfigError
 from bossa_jax.models.bossa import TRAINABLE
 from bossa_jax.train import stage1
 from bossa_jax.train.step import batch_shardings, replicated_key
@@ -133,6 +134,16 @@ def test_batch_spec_matches_pipeline(corpus, audio_input):
     for key, want in spec.items():
         assert local[key].shape == want.shape, key
         assert np.dtype(local[key].dtype) == np.dtype(want.dtype), key
+
+
+def test_feature_dtype_float16_cache_and_a_mismatched_cache_is_refused(corpus, tmp_path):
+    options = ("stage1.audio_input=features", f"stage1.feature_cache_dir={tmp_path}")
+    cfg = tiny_config(corpus, *options, "stage1.feature_dtype=float16", "train.global_batch_size=4")
+    local = next(stage1.train_data(cfg, stage1.load_split(cfg, "train"))(0, 1))
+    assert local["features"].dtype == np.float16
+    assert stage1.batch_spec(cfg, 4)["features"].dtype == jnp.float16
+    with pytest.raises(ConfigError, match="stage1.feature_dtype"):
+        stage1.load_split(tiny_config(corpus, *options), "train")  # bfloat16 config, fp16 cache
 
 
 def test_official_data_options_reach_the_pipeline(corpus):

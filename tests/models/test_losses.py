@@ -1,4 +1,4 @@
-"""Stage-1 losses (bossa_jax/train/losses.py) against the plain-torch reference of SPEC 3."""
+"""Stage-1 losses (bossa_jax/models/losses.py) against the plain-torch reference of SPEC 3."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bossa_jax.train import losses
+from bossa_jax.models import losses
 from tests.reference import losses_torch as ref
 
 TOL = 1e-4
