@@ -5,7 +5,8 @@
     train.py eval-retrieval --config FILE --checkpoint DIR [--pairs 128] [--rounds 10]
                     [--seed 0] [--augment] [--out report.json] [--overwrite] [key=value ...]
     train.py export RUN_DIR OUT [--overwrite]   (a stage-1 run -> what stage1.init_from reads)
-    train.py stage2 ...            (not built yet: exits non-zero)
+    train.py stage2 --config FILE [key=value ...] [--resume | --overwrite]
+                    [--coordinator HOST:PORT --num-processes N --process-id I]
     train.py make-corpus --out DIR [--songs 120] [--seed 0] [--bars 16] [--styles S ...]
                     [--no-audio] [--soundfont FILE] [--overwrite]
 
@@ -18,6 +19,11 @@ write a checkpoint and exit (0 / 130). An ``out_dir`` that already holds checkpo
 else).
 ``--synthetic N`` generates a corpus of N songs into ``<out_dir>/synthetic-data`` and trains on it
 (a CPU smoke run: ``train.py stage1 --config configs/tiny.yaml --synthetic 8``).
+
+``stage2`` runs stage-2 training (bossa_jax.train.stage2) on the same loop with ``stage2.train``
+(batch 32, clipping 1.0), from ``stage2.init_from`` (a stage-1 checkpoint) and
+``stage2.musecoco_checkpoint``; without them the weights are random (a CPU smoke run:
+``train.py stage2 --config configs/tiny.yaml``).
 
 ``make-corpus`` writes the synthetic style corpus (bossa_jax.data.style_corpus): lead sheets,
 piano arrangements in six accompaniment styles, band renderings (FluidSynth), a JSONL manifest with
@@ -68,6 +74,16 @@ def _parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT")
         parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
         parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    elif command == "stage2":
+        parser.add_argument("--config", required=True, help="YAML config (e.g. configs/tiny.yaml)")
+        parser.add_argument(
+            "--resume", action="store_true", help="continue from the newest intact checkpoint"
+        )
+        parser.add_argument(
+            "--overwrite", action="store_true", help="replace the run already in train.out_dir"
+        )
+        for flag in ("--coordinator", "--num-processes", "--process-id"):  # multi-host
+            parser.add_argument(flag, type=str if flag == "--coordinator" else int)
     elif command == "eval-retrieval":
         parser.add_argument("--config", required=True)
         parser.add_argument("--checkpoint", required=True, help="training run folder or model")
@@ -140,6 +156,20 @@ def stage1_main(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def stage2_main(args: argparse.Namespace) -> int:
+    from bossa_jax.sharding import init_distributed
+
+    init_distributed(args.coordinator, args.num_processes, args.process_id)
+    from bossa_jax.config import load_config
+    from bossa_jax.train import stage2
+
+    result = stage2.run(
+        load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite
+    )
+    print(f"stage2: stopped_by={result.stopped_by} step={result.step}", flush=True)
+    return result.exit_code
+
+
 def eval_main(args: argparse.Namespace) -> int:
     from bossa_jax.config import load_config
     from bossa_jax.outputs import check_output
@@ -190,7 +220,7 @@ def main(argv: Sequence[str]) -> int:
     args = _parser(command).parse_intermixed_args(argv[1:])
     args.command = command
     if args.command == "stage2":
-        raise BossaError("train.py stage2: stage-2 training is not built yet")
+        return stage2_main(args)
     if args.command == "stage1":
         return stage1_main(args)
     if args.command == "export":

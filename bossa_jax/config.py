@@ -227,6 +227,9 @@ class QFormerConfig(Section):
     # recompute each layer's activations in the backward pass instead of storing them: trades
     # ~1/3 more Q-Former compute for memory (paper size on TPU v5e-16 needs it)
     remat: bool = False
+    # the note stream (word/position embeddings, downsampling, text FFNs, LM head): stage 1 needs
+    # it; stage 2 deletes it and keeps only the query branch (SPEC 4.1)
+    symbolic_branch: bool = True
 
     def check_relations(self, prefix: str) -> None:
         _divides_hidden(self, prefix)
@@ -462,6 +465,48 @@ class MuseCocoConfig(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class Stage2OptimConfig(OptimConfig):
+    """Stage 2's AdamW: stage 1's, with the official global-norm clipping at 1.0 (SPEC 7)."""
+
+    grad_clip_norm: float | None = option(1.0, POSITIVE, official=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage2TrainConfig(TrainConfig):
+    """Stage 2's loop: the official global batch of 32 (SPEC 7), clipping at 1.0."""
+
+    optim: Stage2OptimConfig = dataclasses.field(default_factory=Stage2OptimConfig)
+    global_batch_size: int = option(32, POSITIVE)
+    out_dir: str = "runs/stage2"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage2Config(Section):
+    """Stage-2 model, initialisation and training (SPEC 4, 7; run by ``bossa_jax.train.stage2``).
+
+    ``train``: stage 2's own loop settings (batch 32, clipping 1.0; stage 1 uses the top-level
+    ``train``). The data settings (dataset, folders, ``audio_input``, transposition, ``deperf``,
+    ``keep_eos``, ``clamp_clips``, threads) are the ``stage1`` section's: both stages read one
+    corpus. ``init_from``: a stage-1 checkpoint (``convert.bossa`` / ``save_stage1`` / export) for
+    the audio LayerNorm, the Q-Former's query branch and, when it has one, MusicGen;
+    ``musecoco_checkpoint``: a converted MuseCoco (``python -m convert.musecoco``). Unset, those
+    parts stay randomly initialised (smoke runs only; a warning says so). ``trainable``:
+    "official" (SPEC 4.2: query-only Q-Former, audio LayerNorm, LoRA, projection; 117 M at paper
+    size) or "lora_projection" (the paper's LoRA + projection). ``dropout``: the Q-Former's
+    dropout in training, as the official code. ``musecoco_dropout``: dropout inside the frozen
+    MuseCoco in training: the official quirk (SPEC 10.17); our default runs it deterministic.
+    """
+
+    train: Stage2TrainConfig = dataclasses.field(default_factory=Stage2TrainConfig)
+    init_from: str = ""
+    musecoco_checkpoint: str = ""
+    trainable: str = option("official", one_of("official", "lora_projection"), official="official")
+    dropout: bool = option(True, official=True)
+    musecoco_dropout: bool = option(False, official=True)
+    eval_batches: int = option(2, NON_NEGATIVE)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config(Section):
     """The whole resolved configuration of a run."""
 
@@ -474,6 +519,7 @@ class Config(Section):
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     stage1: Stage1Config = dataclasses.field(default_factory=Stage1Config)
     musecoco: MuseCocoConfig = dataclasses.field(default_factory=MuseCocoConfig)
+    stage2: Stage2Config = dataclasses.field(default_factory=Stage2Config)
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)

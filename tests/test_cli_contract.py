@@ -180,7 +180,8 @@ ROWS = [
     ("train", ["export", "{w}/mydir", "{w}/out", "--config", TINY], "not a stage-1 run"),
     ("train", [*EVAL, "--out", "{w}/mydir"], "is a folder"),
     ("train", [*EVAL, "--out", "{w}/notes.txt/r.json"], "is a file and not a folder"),
-    ("train", ["stage2"], "not built yet"),
+    ("train", ["stage2"], "--config"),
+    ("train", ["stage2", "--config", TINY, "stage2.bogus=1"], "stage2.bogus"),
     ("generate", ["--lead-sheet", LEADSHEET], "not built yet"),
 ]
 # fmt: on

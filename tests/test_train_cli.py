@@ -213,7 +213,11 @@ NO_RUN = "train.out_dir=/nonexistent/run"  # not a run folder a developer may ha
             "/nonexistent/pop909 not found",
         ),  # fmt: skip
         (["stage1", "--config", "configs/missing.yaml"], "config file not found"),
-        (["stage2"], "not built yet"),
+        (["stage2"], "--config"),
+        (
+            ["stage2", "--config", "configs/tiny.yaml", "stage2.train.global_batch_size=6"],
+            "'stage2.train.global_batch_size': 6 is not divisible",
+        ),
         ([], "give a command"),
         (["stage1"], "--config"),
     ],

@@ -74,6 +74,41 @@ def _head(in_features: int, out_features: int, rngs: nnx.Rngs) -> Linear:
     )
 
 
+def audio_front(
+    qformer: QFormerConfig, musicgen: MusicgenConfig | None, *, owner: str, rngs: nnx.Rngs
+) -> tuple[MusicgenFeatures | None, LayerNorm]:
+    """The audio side of both stages: the frozen MusicGen (None when features come from a cache)
+    and BOSSA's trainable audio LayerNorm over its features (SPEC 1.3)."""
+    if musicgen is not None and musicgen.hidden_size != qformer.encoder_width:
+        raise ValueError(
+            f"{owner}: qformer.encoder_width ({qformer.encoder_width}) must equal "
+            f"musicgen.hidden_size ({musicgen.hidden_size})"
+        )
+    frozen = MusicgenFeatures(musicgen, rngs=rngs) if musicgen is not None else None
+    return frozen, LayerNorm(qformer.encoder_width, eps=AUDIO_LN_EPS, axis_name="feature")
+
+
+def normalised_features(
+    musicgen: MusicgenFeatures | None,
+    audio_layer_norm: LayerNorm,
+    *,
+    codes: jax.Array | None = None,
+    features: jax.Array | None = None,
+    owner: str = "model",
+) -> jax.Array:
+    """Frozen MusicGen features through BOSSA's audio LayerNorm (SPEC 1.3), stages 1 and 2:
+    from ``codes`` (B, 4, T) through ``musicgen`` or from cached raw ``features``
+    (B, T + 4, encoder_width); exactly one of them."""
+    if (codes is None) == (features is None):
+        raise ValueError(f"{owner}: give exactly one of codes or features")
+    if codes is not None:
+        if musicgen is None:
+            raise ValueError(f"{owner}: built without MusicGen; pass cached features")
+        features = musicgen(codes)
+    # MusicGen is frozen: no gradient ever flows into it or through its output
+    return audio_layer_norm(jax.lax.stop_gradient(features))
+
+
 class Stage1Model(nnx.Module):
     """Stage 1 of BOSSA (see the module docstring). ``dtype`` is the Q-Former compute dtype
     (None: fp32); MusicGen's dtype comes from its config."""
@@ -87,15 +122,9 @@ class Stage1Model(nnx.Module):
         dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):
-        if musicgen is not None and musicgen.hidden_size != qformer.encoder_width:
-            raise ValueError(
-                f"Stage1Model: qformer.encoder_width ({qformer.encoder_width}) must equal "
-                f"musicgen.hidden_size ({musicgen.hidden_size})"
-            )
         self.cfg = qformer
-        self.musicgen = MusicgenFeatures(musicgen, rngs=rngs) if musicgen is not None else None
-        self.audio_layer_norm = LayerNorm(
-            qformer.encoder_width, eps=AUDIO_LN_EPS, axis_name="feature"
+        self.musicgen, self.audio_layer_norm = audio_front(
+            qformer, musicgen, owner="Stage1Model", rngs=rngs
         )
         self.qformer = QFormer(qformer, dtype=dtype, rngs=rngs)
         d = qformer.hidden_size
@@ -124,14 +153,13 @@ class Stage1Model(nnx.Module):
 
         Give ``codes`` (B, 4, T) EnCodec codes (needs ``musicgen``) or cached ``features``
         (B, T + 4, encoder_width), the raw MusicGen output before BOSSA's LayerNorm."""
-        if (codes is None) == (features is None):
-            raise ValueError("Stage1Model: give exactly one of codes or features")
-        if codes is not None:
-            if self.musicgen is None:
-                raise ValueError("Stage1Model: built without MusicGen; pass cached features")
-            features = self.musicgen(codes)
-        # MusicGen is frozen: no gradient ever flows into it or through its output
-        return self.audio_layer_norm(jax.lax.stop_gradient(features))
+        return normalised_features(
+            self.musicgen,
+            self.audio_layer_norm,
+            codes=codes,
+            features=features,
+            owner="Stage1Model",
+        )
 
     # -- the two unimodal encoders (SPEC 3.1) ------------------------------------------------
 

@@ -28,6 +28,10 @@ only when ``deterministic=False`` and a ``dropout_rng`` key is given; attention 
 past keys/values and returned K/V) is the shared :class:`~bossa_jax.layers.Attention`. A caller
 that runs several patterns on the same rows (the stage-1 losses) can compute
 :meth:`QFormer.embed_notes` and :meth:`QFormer.project_features` once and pass them in.
+
+``cfg.symbolic_branch=False`` builds the stage-2 Q-Former (SPEC 4.1): word and position embeddings,
+downsampling, every layer's text FFN and the LM head are not built, and only
+:meth:`QFormer.audio_pass` is available.
 """
 
 from __future__ import annotations
@@ -105,8 +109,12 @@ class QFormerLayer(nnx.Module):
             self.cross_attn = None
             self.cross_attn_norm = None
         mlp = dict(act=cfg.hidden_act, dtype=dtype, rngs=rngs)
-        self.text_mlp = MLP(d, cfg.intermediate_size, **mlp)
-        self.text_norm = LayerNorm(d, eps=eps)
+        if cfg.symbolic_branch:
+            self.text_mlp = MLP(d, cfg.intermediate_size, **mlp)
+            self.text_norm = LayerNorm(d, eps=eps)
+        else:  # stage 2: the note stream's FFN is deleted (SPEC 4.1)
+            self.text_mlp = None
+            self.text_norm = None
         self.query_mlp = MLP(d, cfg.intermediate_size, **mlp)
         self.query_norm = LayerNorm(d, eps=eps)
 
@@ -198,21 +206,24 @@ class QFormer(nnx.Module):
         def word_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
             return default_kernel_init(key, shape, dtype).at[pad].set(0)  # torch padding_idx row
 
-        # 1238 rows divide no mesh axis: sharding.named_shardings leaves that dim replicated
-        self.word_embeddings = Embed(
-            cfg.vocab_size + 1,
-            d,
-            axes=("vocab", "embed"),
-            dtype=dtype,
-            embedding_init=word_init,
-            rngs=rngs,
-        )
-        self.downsampling = Linear(
-            FIELDS_PER_NOTE * d, d, axes=("mlp", "embed"), dtype=dtype, rngs=rngs
-        )
-        self.position_embeddings = Embed(
-            cfg.max_position_embeddings, d, axes=("length", "embed"), dtype=dtype, rngs=rngs
-        )
+        if cfg.symbolic_branch:
+            # 1238 rows divide no mesh axis: sharding.named_shardings leaves that dim replicated
+            self.word_embeddings = Embed(
+                cfg.vocab_size + 1,
+                d,
+                axes=("vocab", "embed"),
+                dtype=dtype,
+                embedding_init=word_init,
+                rngs=rngs,
+            )
+            self.downsampling = Linear(
+                FIELDS_PER_NOTE * d, d, axes=("mlp", "embed"), dtype=dtype, rngs=rngs
+            )
+            self.position_embeddings = Embed(
+                cfg.max_position_embeddings, d, axes=("length", "embed"), dtype=dtype, rngs=rngs
+            )
+        else:  # stage 2 keeps only the query branch (SPEC 4.1): audio_pass alone works
+            self.word_embeddings = self.downsampling = self.position_embeddings = None
         self.query_tokens = nnx.Param(
             default_kernel_init(rngs.params(), (1, cfg.num_query_tokens, d), jnp.float32),
             out_sharding=(None, "query", "embed"),
@@ -230,7 +241,7 @@ class QFormer(nnx.Module):
                 for i in range(cfg.num_hidden_layers)
             }
         )
-        self.lm_head = QFormerLMHead(cfg, dtype=dtype, rngs=rngs)
+        self.lm_head = QFormerLMHead(cfg, dtype=dtype, rngs=rngs) if cfg.symbolic_branch else None
 
     # -- embeddings --------------------------------------------------------------------------
 
@@ -245,6 +256,8 @@ class QFormer(nnx.Module):
                 f"QFormer: {n} notes exceed max_position_embeddings "
                 f"({self.cfg.max_position_embeddings})"
             )
+        if not self.cfg.symbolic_branch:
+            raise ValueError("QFormer: built without its symbolic branch (stage 2); no notes")
         words = self.word_embeddings(note_ids)
         # torch's padding_idx: the pad row is looked up but receives no gradient
         is_pad = (note_ids == self.cfg.pad_token_id)[..., None]

@@ -42,7 +42,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bossa_jax import checkpoint, sharding
-from bossa_jax.config import Config, QFormerConfig, Stage1Config
+from bossa_jax.config import Config, MusicgenConfig, QFormerConfig, Stage1Config
 from bossa_jax.data import feature_cache as fc
 from bossa_jax.data import pipeline as pl
 from bossa_jax.data import readers, synthetic
@@ -72,6 +72,7 @@ from bossa_jax.train.step import (
 log = logging.getLogger("bossa_jax.train")
 
 SYMBOLIC_KEYS = ("notes", "leadsheet_mask", "pad_mask")
+STAGE2_SYMBOLIC_KEYS = ("tokens", "control_mask", "pad_mask")
 SPLIT_FILE = "split.json"  # of a synthetic corpus
 
 
@@ -81,9 +82,19 @@ def audio_key(cfg: Stage1Config) -> str:
     return "codes" if cfg.audio_input == "codes" else "features"
 
 
-def model_keys(cfg: Stage1Config) -> tuple[str, ...]:
-    """The batch fields the step consumes (the pipeline's bookkeeping fields are dropped)."""
-    return (*SYMBOLIC_KEYS, "audio_mask", audio_key(cfg))
+def model_keys(cfg: Stage1Config, stage: int = 1) -> tuple[str, ...]:
+    """The batch fields the step of ``stage`` consumes (bookkeeping fields are dropped)."""
+    symbolic = SYMBOLIC_KEYS if stage == 1 else STAGE2_SYMBOLIC_KEYS
+    return (*symbolic, "audio_mask", audio_key(cfg))
+
+
+def frozen_musicgen_config(config: Config, compute: jnp.dtype) -> MusicgenConfig | None:
+    """MusicGen's config in codes mode (bf16 under a bf16 compute dtype: frozen, no fp32
+    master copy needed); None in features mode (no MusicGen in the step). Both stages."""
+    if config.stage1.audio_input != "codes":
+        return None
+    dtype = "bfloat16" if compute == jnp.bfloat16 else config.musicgen.dtype
+    return dataclasses.replace(config.musicgen, dtype=dtype)
 
 
 def model_fn(config: Config) -> Callable[[], Stage1Model]:
@@ -94,10 +105,7 @@ def model_fn(config: Config) -> Callable[[], Stage1Model]:
     computes in the compute dtype; its parameters are created fp32 (the master weights).
     """
     compute = jnp.dtype(config.train.compute_dtype)
-    musicgen = None
-    if config.stage1.audio_input == "codes":
-        dtype = "bfloat16" if compute == jnp.bfloat16 else config.musicgen.dtype
-        musicgen = dataclasses.replace(config.musicgen, dtype=dtype)
+    musicgen = frozen_musicgen_config(config, compute)
     qformer_dtype = None if compute == jnp.float32 else compute
 
     def build() -> Stage1Model:
@@ -108,9 +116,12 @@ def model_fn(config: Config) -> Callable[[], Stage1Model]:
     return build
 
 
-def write_params(target: nnx.Module, source: nnx.Module, where: str, *, skip: str = "") -> int:
+def write_params(
+    target: nnx.Module, source: nnx.Module, where: str, *, skip: str | Callable[[str], bool] = ""
+) -> int:
     """Copies every parameter of ``target`` from the one at the same path in ``source``, keeping
-    the target's sharding and dtype; paths under ``skip`` may be absent from ``source``. Returns
+    the target's sharding and dtype; paths under ``skip`` (a prefix, or a predicate on the dotted
+    path) may be absent from ``source``. Returns
     how many were written. A missing parameter or another shape is a one-line CheckpointError
     naming ``where`` (the checkpoint) and the parameter."""
     available = {p: v for p, v in nnx.iter_graph(source) if isinstance(v, nnx.Param)}
@@ -121,7 +132,7 @@ def write_params(target: nnx.Module, source: nnx.Module, where: str, *, skip: st
         key = ".".join(str(k) for k in path)
         value = available.get(path)
         if value is None:
-            if skip and key.startswith(skip):
+            if skip(key) if callable(skip) else skip and key.startswith(skip):
                 continue
             raise CheckpointError(f"{where}: no parameter '{key}' in the checkpoint")
         current, new = var[...], value[...]
@@ -176,24 +187,7 @@ def init_fn(config: Config) -> Callable[[Stage1Model], Stage1Model]:
                 source = _load_qformer(path)
             write_params(model.qformer, source, str(path))
             log.info("initialised the Q-Former from %s", path)
-        if model.musicgen is not None:
-            if cfg.musicgen_checkpoint:
-                path = _require_path(
-                    cfg.musicgen_checkpoint, "musicgen_checkpoint", "converted MusicGen"
-                )
-                from bossa_jax.models.musicgen import load_musicgen
-
-                with _host_loading():
-                    source = load_musicgen(path, dtype=model.musicgen.cfg.dtype)
-                write_params(model.musicgen, source, str(path))
-                log.info("initialised MusicGen from %s", path)
-            elif not musicgen_loaded:
-                if not cfg.random_musicgen:
-                    raise _no_musicgen_error()
-                log.warning(
-                    "stage1.random_musicgen: MusicGen is randomly initialised (fine for smoke "
-                    "runs only)"
-                )
+        init_musicgen(model.musicgen, cfg, musicgen_loaded)
         return model
 
     return init
@@ -223,6 +217,28 @@ def build_model(config: Config) -> Stage1Model:
     The one constructor of training, resume, retrieval evaluation and export (call inside
     ``sharding.use_mesh``); trainable weights of a run are restored on top of it."""
     return init_fn(config)(sharding.create_sharded(model_fn(config)))
+
+
+def init_musicgen(musicgen: nnx.Module | None, cfg: Stage1Config, loaded: bool) -> None:
+    """Codes mode: fills the frozen MusicGen from ``stage1.musicgen_checkpoint`` (both stages).
+    Without one (and ``loaded`` False: no checkpoint gave it) it stays random only when
+    ``stage1.random_musicgen`` says so, with a warning; otherwise a one-line ConfigError."""
+    if musicgen is None:
+        return
+    if cfg.musicgen_checkpoint:
+        path = _require_path(cfg.musicgen_checkpoint, "musicgen_checkpoint", "converted MusicGen")
+        from bossa_jax.models.musicgen import load_musicgen
+
+        with _host_loading():
+            source = load_musicgen(path, dtype=musicgen.cfg.dtype)
+        write_params(musicgen, source, str(path))
+        log.info("initialised MusicGen from %s", path)
+    elif not loaded:
+        if not cfg.random_musicgen:
+            raise _no_musicgen_error()
+        log.warning(
+            "stage1.random_musicgen: MusicGen is randomly initialised (fine for smoke runs only)"
+        )
 
 
 def make_loss_fn(cfg: Stage1Config, *, train: bool = True) -> LossFn:
@@ -350,12 +366,12 @@ def write_synthetic_corpus(root: str | Path, songs: int, bars: int) -> Path:
     return root
 
 
-def _require_path(value: str, key: str, what: str) -> Path:
+def _require_path(value: str, key: str, what: str, section: str = "stage1") -> Path:
     if not value:
-        raise ConfigError(f"config key 'stage1.{key}': not set; give the {what}")
+        raise ConfigError(f"config key '{section}.{key}': not set; give the {what}")
     path = Path(value)
     if not path.exists():
-        raise DataError(f"config key 'stage1.{key}': {path} not found ({what})")
+        raise DataError(f"config key '{section}.{key}': {path} not found ({what})")
     return path
 
 
@@ -418,7 +434,23 @@ class Stage1Split:
     @property
     def usable(self) -> list[int]:
         """Example ids whose lead sheet fits the stage-1 sequence (SPEC 11.11)."""
-        return [e.example_id for e in self.index.examples if pl.fits_stage(e.window, 1)]
+        return self.usable_in(1)
+
+    def usable_in(self, stage: int) -> list[int]:
+        """Example ids whose lead sheet fits the sequence of ``stage`` (SPEC 11.11)."""
+        return [e.example_id for e in self.index.examples if pl.fits_stage(e.window, stage)]
+
+
+def check_fills_batch(
+    data: Stage1Split, global_batch: int, stage: int = 1, section: str = "train"
+) -> None:
+    """Evaluation needs one full global batch of usable windows: else a one-line DataError."""
+    n = len(data.usable_in(stage))
+    if n < global_batch:
+        raise DataError(
+            f"the {data.split} split has {n} usable windows, fewer than one global batch "
+            f"({global_batch}); set {section}.eval_every=0 or add songs"
+        )
 
 
 def load_split(config: Config, split: str) -> Stage1Split:
@@ -535,12 +567,14 @@ def make_pipeline(
     *,
     train: bool = True,
     global_batch: int | None = None,
+    stage: int = 1,
 ) -> pl.Pipeline:
-    """This process's stage-1 pipeline over ``data``: training repeats forever with the run's
-    seed; evaluation reads one epoch with a fixed seed."""
+    """This process's pipeline of ``stage`` over ``data``: training repeats forever with the
+    run's seed; evaluation reads one epoch with a fixed seed. The global batch defaults to
+    ``config.train``'s (stage 2 passes a config whose ``train`` is ``stage2.train``)."""
     cfg = config.stage1
     options = pl.PipelineOptions(
-        stage=1,
+        stage=stage,
         global_batch_size=global_batch or config.train.global_batch_size,
         seed=config.train.seed if train else 0,
         num_epochs=None if train else 1,
@@ -555,22 +589,25 @@ def make_pipeline(
     return pl.Pipeline(data.index, data.audio, options)
 
 
-def train_data(config: Config, data: Stage1Split) -> loop.DataFactory:
-    keys = model_keys(config.stage1)
+def train_data(config: Config, data: Stage1Split, stage: int = 1) -> loop.DataFactory:
+    keys = model_keys(config.stage1, stage)
 
     def factory(process_index: int, process_count: int) -> ModelFields:
-        pipe = make_pipeline(config, data, process_index, process_count)
+        pipe = make_pipeline(config, data, process_index, process_count, stage=stage)
         return ModelFields(pipe.iterator(), keys)
 
     return factory
 
 
-def eval_data(config: Config, data: Stage1Split) -> loop.EvalFactory:
-    keys = model_keys(config.stage1)
+def eval_data(
+    config: Config, data: Stage1Split, stage: int = 1, eval_batches: int | None = None
+) -> loop.EvalFactory:
+    keys = model_keys(config.stage1, stage)
+    eval_batches = config.stage1.eval_batches if eval_batches is None else eval_batches
 
     def factory(process_index: int, process_count: int) -> Iterator[dict[str, np.ndarray]]:
-        pipe = make_pipeline(config, data, process_index, process_count, train=False)
-        batches = min(config.stage1.eval_batches, pipe.steps_per_epoch)
+        pipe = make_pipeline(config, data, process_index, process_count, train=False, stage=stage)
+        batches = min(eval_batches, pipe.steps_per_epoch)
         iterator = ModelFields(pipe.iterator(), keys)
         return (next(iterator) for _ in range(batches))
 
@@ -614,12 +651,7 @@ def run(
     evaluate = config.train.eval_every > 0 and config.stage1.eval_batches > 0
     validation = load_split(config, "validation") if evaluate else None
     if validation is not None:
-        n = len(validation.usable)
-        if n < config.train.global_batch_size:
-            raise DataError(
-                f"the validation split has {n} usable windows, fewer than one global batch "
-                f"({config.train.global_batch_size}); set train.eval_every=0 or add songs"
-            )
+        check_fills_batch(validation, config.train.global_batch_size)
     return loop.train(
         config,
         model_fn=functools.partial(build_model, config),
