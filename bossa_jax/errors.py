@@ -8,6 +8,7 @@ prints that line to stderr and exits non-zero; ``--debug`` shows the traceback i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -161,6 +162,12 @@ def run_cli(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | N
         sys.stdout.flush()
     except BrokenPipeError:
         _exit_on_closed_stdout()
+    if argv is None or list(argv) == sys.argv[1:]:  # this process's own command: it ends here
+        # The work is done and its outputs are in place. Interpreter finalisation resets
+        # Python-level signal handlers to the default, so a Ctrl-C landing there would kill the
+        # process by signal (status -2, not 130); SIG_IGN is the one handler that survives it.
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code or 0)
 
 
