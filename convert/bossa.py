@@ -159,8 +159,8 @@ def convert_stage1(
     checkpoint's ``audio_proj`` holds; every shape is checked against them.
     """
     cfg = cfg or load_config("paper")
-    name = "state dict" if isinstance(source, Mapping) else str(source)
     tensors = load_state_dict(source)
+    name = tensors.name
     values = stage1_values(tensors, cfg, with_musicgen=with_musicgen, source=name)
     model = _abstract_stage1(
         cfg, with_musicgen, projection_width(_official_names(tensors, name), source=name)

@@ -105,3 +105,42 @@ def test_tensors_are_read_on_access_one_at_a_time(tmp_path, monkeypatch):
     torch.save({"w": torch.ones(2)}, tmp_path / "m.pt")
     assert load_state_dict(tmp_path / "m.pt")["w"].shape == (2,)
     assert mmap_flags == [True]
+
+
+def test_sharded_directory_prefix_and_shapes_without_reading(tmp_path, monkeypatch):
+    """An HF directory of several safetensors shards reads as one mapping; shapes come from the
+    headers (no tensor read); ``prefix`` keeps only its names; every read reopens the file, so no
+    handle (and none of its mapped pages) outlives the read."""
+    import safetensors
+    from safetensors.torch import save_file
+
+    save_file({"musecoco.a": torch.ones(2, 3)}, str(tmp_path / "model-00001.safetensors"))
+    save_file(
+        {"musecoco.b": torch.zeros(4), "other.c": torch.ones(1)}, str(tmp_path / "m2.safetensors")
+    )
+    opened, reads = [], []
+    real_open = safetensors.safe_open
+
+    class CountingHandle:
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
+            opened.append(self)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def get_tensor(self, key):
+            reads.append(key)
+            return self.handle.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", CountingHandle)
+    tensors = load_state_dict(tmp_path, prefix="musecoco.")
+    assert sorted(tensors) == ["a", "b"]
+    assert tensors.shape("a") == (2, 3) and tensors.shape("b") == (4,) and reads == []
+    opened_before = len(opened)
+    assert tensors["a"].sum() == 6 and tensors["a"].sum() == 6
+    assert reads == ["musecoco.a"] * 2 and len(opened) == opened_before + 2
+    with pytest.raises(CheckpointError, match="missing key 'c'"):
+        tensors.shape("c")
+    with pytest.raises(CheckpointError, match=r"m2.safetensors|prefix 'nothing\.'"):
+        load_state_dict(tmp_path, prefix="nothing.")
