@@ -286,6 +286,17 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{config}: not valid JSON ({err})") from err
 
 
+def aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 4096) -> np.ndarray:
+    """An uninitialised array whose buffer starts on an ``align``-byte boundary. numpy's own large
+    buffers start 16 bytes into a page, and ``jax.device_put`` on CPU copies a buffer that is not
+    64-byte aligned; an aligned one it aliases, so a converted model is not held twice."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 def param_paths(module: nnx.Module) -> dict[str, nnx.Variable]:
     """Flax parameters by dotted path (``blocks.fc1.kernel``)."""
     return {

@@ -41,7 +41,14 @@ from bossa_jax.config import MuseCocoConfig
 from bossa_jax.errors import CheckpointError, ConfigError, run_cli
 from bossa_jax.models.musecoco import CHECKPOINT_KIND, MuseCoco, load_musecoco, save_musecoco
 from bossa_jax.outputs import check_output
-from convert.common import LazyTensors, _first_eight, fill, load_state_dict, param_paths
+from convert.common import (
+    LazyTensors,
+    _first_eight,
+    aligned_empty,
+    fill,
+    load_state_dict,
+    param_paths,
+)
 
 __all__ = ["convert_musecoco", "load_musecoco", "save_musecoco", "to_hf_state_dict"]
 
@@ -196,10 +203,11 @@ def source_to_flax(src: LazyTensors, model: MuseCoco) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for flax, hf, kernel in TOP_TABLE:
         var = params[flax]
-        out[flax] = np.asarray(_checked(src, hf, tuple(var.shape), kernel), var.dtype)
+        out[flax] = aligned_empty(var.shape, var.dtype)  # aligned: device_put aliases it
+        out[flax][...] = _checked(src, hf, tuple(var.shape), kernel)
     for flax, hf, kernel in BLOCK_TABLE + (LORA_TABLE if cfg.lora else ()):
         var = params[f"layers.{flax}"]
-        stacked = np.empty(var.shape, var.dtype)  # filled layer by layer: no second copy
+        stacked = aligned_empty(var.shape, var.dtype)  # filled layer by layer: no second copy
         for i in range(cfg.num_hidden_layers):
             stacked[i] = _checked(src, LAYER.format(i=i) + hf, tuple(var.shape[1:]), kernel)
         out[f"layers.{flax}"] = stacked
@@ -227,10 +235,11 @@ def convert_musecoco(
     cfg = config_from_source(src, hf_config, num_heads=num_heads, dtype=dtype)
     model = nnx.eval_shape(lambda: MuseCoco(cfg, rngs=nnx.Rngs(0)))
     fill(model, source_to_flax(src, model), source=src.name)
-    # jax arrays for the checkpoint writer: on CPU, device_put aliases the (aligned) numpy buffers
-    # instead of copying, and orbax then writes them without a second host copy of the model
+    # jax arrays for the checkpoint writer: on CPU, device_put aliases the page-aligned buffers of
+    # source_to_flax instead of copying them (an unaligned buffer is copied), and orbax then writes
+    # them without a second host copy of the model; waiting on each keeps one transfer in flight.
     for var in param_paths(model).values():
-        var.set_value(jax.device_put(var.get_value()))
+        var.set_value(jax.block_until_ready(jax.device_put(var.get_value())))
     return model
 
 
