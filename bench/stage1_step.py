@@ -16,9 +16,32 @@ Each measurement is ``--steps`` steps after a warm-up, repeated ``--repeats`` ti
 the median samples/s and the ratio. On a GPU (``--gpu``) it also reports achieved TFLOP/s (the
 compiled step's ``cost_analysis`` FLOPs) and MFU against a measured bf16 matmul peak.
 
+``--preset official`` (issue 8 item 8) is the comparison with the official PyTorch step at the
+official benchmark shapes: Q-Former 256 wide, 4 layers, 4 heads, FFN 1024, 8194 positions,
+cross-attention every second layer, 32 queries, projection 256; MusicGen 256 wide, 4 heads, FFN
+1024, 6 layers of which 4 are kept, run inside the step (codes mode); batch 8, 226 notes, 508
+frames, fp32, dropout on, clipping 1.0, AdamW, the official ITG field mean. The torch side is the
+official step as the official code computes it:
+
+* ``torch-official``: HF ``MusicgenModel`` (transformers' default SDPA attention; the zero
+  unconditional text state through cross-attention, as ``Blip2Qformer.forward``) under
+  ``no_grad``; the Q-Former = the HF-style BERT modules of tests/reference/qformer_torch.py (the
+  official ``model_Qformer.py`` module for module: eager attention, explicit softmax + attention
+  dropout, additive masks); ``clip_grad_norm_(1.0)`` and ``torch.optim.AdamW`` with their CPU
+  defaults (per-tensor loops: torch picks foreach/fused only for CUDA tensors), as the official
+  ``train_stage1.py`` calls them;
+* ``torch-fast``: the same model with the Q-Former attention through
+  ``F.scaled_dot_product_attention`` (dropout inside), ``clip_grad_norm_(foreach=True)`` and
+  ``AdamW(fused=True)``: the fastest torch step found for this model on CPU.
+
+The three steps run alternating, ``--rounds`` times ``--steps`` steps each, in one process; the
+table shows median seconds per step, samples/s and the load average around each run.
+
 Usage: .venv/bin/python bench/stage1_step.py [--configs tiny mini] [--batch 8] [--steps 3]
        [--repeats 3] [--gpu]
-Writes bench/results/stage1_step_cpu.json (stage1_step_gpu.json with --gpu).
+       .venv/bin/python bench/stage1_step.py --preset official [--rounds 5] [--steps 2]
+Writes bench/results/stage1_step_cpu.json (stage1_step_gpu.json with --gpu;
+stage1_step_official_cpu.json with --preset official).
 """
 
 from __future__ import annotations
@@ -33,12 +56,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 
 
-def jax_step_rate(cfg, local, steps: int, repeats: int) -> dict:
+def compile_jax_step(cfg, local):
+    """(compiled step, program, global batch, rng, compile seconds, FLOPs per step)."""
     import jax
 
     from bossa_jax import sharding
@@ -57,19 +83,25 @@ def jax_step_rate(cfg, local, steps: int, repeats: int) -> dict:
         )
         step = lowered.compile()
         compile_s = time.perf_counter() - t0
-        cost = step.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        flops = float((cost or {}).get("flops", 0.0))
-        state = program.state
-        state, metrics = step(state, program.frozen, batch, rng)  # warm-up
+    cost = step.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return step, program, batch, rng, compile_s, float((cost or {}).get("flops", 0.0))
+
+
+def jax_step_rate(cfg, local, steps: int, repeats: int) -> dict:
+    import jax
+
+    step, program, batch, rng, compile_s, flops = compile_jax_step(cfg, local)
+    state = program.state
+    state, metrics = step(state, program.frozen, batch, rng)  # warm-up
+    jax.block_until_ready(metrics)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = step(state, program.frozen, batch, rng)
         jax.block_until_ready(metrics)
-        rates = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                state, metrics = step(state, program.frozen, batch, rng)
-            jax.block_until_ready(metrics)
-            rates.append(steps / (time.perf_counter() - t0))
+        rates.append(steps / (time.perf_counter() - t0))
     n = local["notes"].shape[0]
     steps_per_s = statistics.median(rates)
     return {
@@ -82,31 +114,34 @@ def jax_step_rate(cfg, local, steps: int, repeats: int) -> dict:
     }
 
 
+def ref_config(q):
+    """The torch reference's BertConfig fields from a ``QFormerConfig``."""
+    from tests.reference.qformer_torch import RefConfig
+
+    return RefConfig(
+        hidden_size=q.hidden_size,
+        num_hidden_layers=q.num_hidden_layers,
+        num_attention_heads=q.num_attention_heads,
+        intermediate_size=q.intermediate_size,
+        layer_norm_eps=q.layer_norm_eps,
+        vocab_size=q.vocab_size,
+        max_position_embeddings=q.max_position_embeddings,
+        pad_token_id=q.pad_token_id,
+        encoder_width=q.encoder_width,
+        cross_attention_freq=q.cross_attention_freq,
+        query_length=q.num_query_tokens,
+        hidden_dropout_prob=q.hidden_dropout,
+        attention_probs_dropout_prob=q.attention_dropout,
+    )
+
+
 def torch_step_rate(cfg, local, steps: int, repeats: int) -> dict:
     import numpy as np
     import torch
 
     from tests.reference.losses_torch import Stage1Torch
-    from tests.reference.qformer_torch import RefConfig
 
-    q = cfg.qformer
-    ref = Stage1Torch(
-        RefConfig(
-            hidden_size=q.hidden_size,
-            num_hidden_layers=q.num_hidden_layers,
-            num_attention_heads=q.num_attention_heads,
-            intermediate_size=q.intermediate_size,
-            layer_norm_eps=q.layer_norm_eps,
-            vocab_size=q.vocab_size,
-            max_position_embeddings=q.max_position_embeddings,
-            pad_token_id=q.pad_token_id,
-            encoder_width=q.encoder_width,
-            cross_attention_freq=q.cross_attention_freq,
-            query_length=q.num_query_tokens,
-            hidden_dropout_prob=q.hidden_dropout,
-            attention_probs_dropout_prob=q.attention_dropout,
-        )
-    )
+    ref = Stage1Torch(ref_config(cfg.qformer))
     ref.train()
     opt = torch.optim.AdamW(
         ref.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05
@@ -163,6 +198,260 @@ def matmul_peak_tflops() -> float:
     return 2 * n**3 / min(times) / 1e12
 
 
+# --- the official benchmark shapes (issue 8 item 8) ---------------------------------------------
+OFFICIAL_OVERRIDES = (
+    "qformer.hidden_size=256",
+    "qformer.num_hidden_layers=4",
+    "qformer.num_attention_heads=4",
+    "qformer.intermediate_size=1024",
+    "qformer.max_position_embeddings=8194",
+    "qformer.cross_attention_freq=2",
+    "qformer.num_query_tokens=32",
+    "qformer.encoder_width=256",
+    "musicgen.hidden_size=256",
+    "musicgen.num_attention_heads=4",
+    "musicgen.ffn_dim=1024",
+    "musicgen.num_hidden_layers=6",
+    "musicgen.keep_layers=4",
+    "stage1.audio_input=codes",
+    "stage1.field_mean=official",
+    "stage1.dropout=true",
+    "train.compute_dtype=float32",
+    "train.optim.grad_clip_norm=1.0",
+)
+
+
+def loadavg() -> float:
+    """The 1-minute load average (0 where /proc is missing)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except OSError:
+        return 0.0
+
+
+def jax_official_runner(cfg, local):
+    """(run(steps) -> seconds per step, info) for the jitted bossa-jax step."""
+    import jax
+
+    step, program, batch, rng, compile_s, flops = compile_jax_step(cfg, local)
+    box = {"state": program.state}
+
+    def run(steps: int) -> float:
+        state = box["state"]
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = step(state, program.frozen, batch, rng)
+        jax.block_until_ready(metrics)
+        box["state"], box["loss"] = state, float(metrics["loss"])
+        return (time.perf_counter() - t0) / steps
+
+    info = {"compile_s": compile_s, "flops_per_step": flops}
+    return run, info, box
+
+
+def sdpa_self_attention(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                        encoder_attention_mask=None, past_key_value=None):  # fmt: skip
+    """``BertSelfAttention.forward`` of tests/reference/qformer_torch.py through torch's fused
+    ``scaled_dot_product_attention`` (same masks, attention dropout inside the kernel)."""
+    import torch
+    from torch.nn import functional as F
+
+    source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    key = self.transpose_for_scores(self.key(source))
+    value = self.transpose_for_scores(self.value(source))
+    if encoder_hidden_states is not None:
+        attention_mask = encoder_attention_mask
+    elif past_key_value is not None:
+        key = torch.cat([past_key_value[0], key], dim=2)
+        value = torch.cat([past_key_value[1], value], dim=2)
+    query = self.transpose_for_scores(self.query(hidden_states))
+    context = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=self.dropout.p if self.training else 0.0,
+    )
+    context = context.permute(0, 2, 1, 3).reshape(*hidden_states.shape[:2], self.all_head_size)
+    return context, (key, value)
+
+
+def torch_official_runner(cfg, local, *, fast: bool):
+    """(run(steps) -> seconds per step, info) for the official stage-1 step in PyTorch (see the
+    module docstring: ``fast=False`` as the official code, ``fast=True`` the fastest variant)."""
+    import types
+
+    import numpy as np
+    import torch
+    from transformers import MusicgenDecoderConfig, MusicgenModel
+
+    from tests.reference.losses_torch import Stage1Torch
+    from tests.reference.qformer_torch import BertSelfAttention
+
+    torch.manual_seed(0)
+    mg = cfg.musicgen
+    musicgen = MusicgenModel(
+        MusicgenDecoderConfig(
+            vocab_size=mg.vocab_size,
+            hidden_size=mg.hidden_size,
+            num_attention_heads=mg.num_attention_heads,
+            ffn_dim=mg.ffn_dim,
+            num_hidden_layers=mg.keep_layers,  # the official builds L // 2 + 1 blocks (SPEC 1.3)
+            num_codebooks=mg.num_codebooks,
+        )
+    ).eval()
+    musicgen.requires_grad_(False)
+    model = Stage1Torch(ref_config(cfg.qformer)).train()
+    if fast:
+        for module in model.modules():
+            if isinstance(module, BertSelfAttention):
+                module.forward = types.MethodType(sdpa_self_attention, module)
+    o = cfg.train.optim
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=o.lr,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        fused=True if fast else None,
+    )
+    n = local["notes"].shape[0]
+    codes = torch.from_numpy(np.asarray(local["codes"], np.int64))
+    rng = np.random.default_rng(0)
+    args = (
+        torch.from_numpy(np.asarray(local["audio_mask"], np.float32)),
+        torch.from_numpy(np.asarray(local["notes"], np.int64)),
+        torch.from_numpy(np.asarray(local["leadsheet_mask"], np.int64)),
+        torch.from_numpy(np.asarray(local["pad_mask"], np.int64)),
+        # the ITM negatives (torch.multinomial over the similarities in the official code) are
+        # given: the sampling is negligible and the reference takes indices
+        torch.from_numpy((np.arange(n) + 1 + rng.integers(0, n - 1, n)) % n),
+        torch.from_numpy((np.arange(n) + 1 + rng.integers(0, n - 1, n)) % n),
+    )
+    special = mg.vocab_size
+
+    def audio_features() -> torch.Tensor:
+        # Blip2Qformer.forward: delay pattern, the zero unconditional text state with its zero
+        # mask, the truncated MusicgenModel's last hidden state, all under no_grad (SPEC 1.2-1.3)
+        with torch.no_grad():
+            batch, k, frames = codes.shape
+            pattern = torch.full((batch, k, frames + k), special, dtype=torch.long)
+            for i in range(k):
+                pattern[:, i, 1 + i : 1 + i + frames] = codes[:, i]
+            text = torch.zeros(batch, 1, mg.hidden_size)
+            text_mask = torch.zeros(batch, 1, dtype=torch.long)
+            return musicgen(
+                input_ids=pattern.reshape(batch * k, frames + k),
+                encoder_hidden_states=text,
+                encoder_attention_mask=text_mask,
+            ).last_hidden_state
+
+    box = {}
+
+    def one() -> float:
+        opt.zero_grad(set_to_none=True)
+        out = model(audio_features(), *args, official_only=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(
+            model.parameters(), o.grad_clip_norm, foreach=True if fast else None
+        )
+        opt.step()
+        return out["loss"].item()
+
+    def run(steps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            box["loss"] = one()
+        return (time.perf_counter() - t0) / steps
+
+    return run, {}, box
+
+
+def official_preset(args) -> None:
+    """The alternating comparison at the official shapes (module docstring)."""
+    import jax
+    import torch
+
+    from bossa_jax.config import load_config
+    from bossa_jax.outputs import atomic_output
+    from bossa_jax.train import stage1
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(
+            "mini",
+            [
+                *OFFICIAL_OVERRIDES,
+                f"stage1.data_dir={Path(tmp) / 'corpus'}",
+                "stage1.synthetic_songs=8",
+                f"train.global_batch_size={args.batch}",
+            ],
+        )
+        local = next(stage1.train_data(cfg, stage1.load_split(cfg, "train"))(0, 1))
+    shapes = {k: list(np.shape(v)) for k, v in local.items()}
+    runners = {"bossa-jax": jax_official_runner(cfg, local)}
+    if not args.no_torch:
+        runners["torch-official"] = torch_official_runner(cfg, local, fast=False)
+        runners["torch-fast"] = torch_official_runner(cfg, local, fast=True)
+    for run, _, _ in runners.values():
+        run(1)  # warm-up
+    times = {name: [] for name in runners}
+    loads = {name: [] for name in runners}
+    for r in range(args.rounds):
+        for name, (run, _, _) in runners.items():
+            before = loadavg()
+            times[name].append(run(args.steps))
+            loads[name].append(0.5 * (before + loadavg()))
+        line = "  ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items())
+        print(f"round {r + 1}/{args.rounds}: {line}  (load {loadavg():.1f})", flush=True)
+
+    n = args.batch
+    ref = statistics.median(times["torch-official"]) if "torch-official" in times else None
+    rows = {}
+    for name, (_, info, box) in runners.items():
+        med = statistics.median(times[name])
+        rows[name] = {
+            "s_per_step": med,
+            "samples_per_s": n / med,
+            "speedup_vs_torch_official": ref / med if ref else None,
+            "runs_s_per_step": times[name],
+            "load_1min": loads[name],
+            "loss": box.get("loss"),
+            **info,
+        }
+    device = jax.devices()[0]
+    low, high = min(min(v) for v in loads.values()), max(max(v) for v in loads.values())
+    print(f"\nstage-1 train step at the official benchmark shapes, {device.platform}, batch {n}, "
+          f"fp32, dropout on, clip 1.0; median of {args.rounds} alternating runs x {args.steps} "
+          f"steps; torch {args.threads} threads; load {low:.1f}-{high:.1f}")  # fmt: skip
+    print(f"{'step':16} {'s/step':>8} {'samples/s':>10} {'vs official':>12}")
+    for name, row in rows.items():
+        speed = row["speedup_vs_torch_official"]
+        print(
+            f"{name:16} {row['s_per_step']:8.2f} {row['samples_per_s']:10.2f} "
+            f"{(f'{speed:.2f}x' if speed else '-'):>12}"
+        )
+    out = Path(args.out) if args.out else RESULTS / "stage1_step_official_cpu.json"
+    payload = {
+        "preset": "official",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "device": f"{device.platform} {device.device_kind}",
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "torch_threads": args.threads,
+        "overrides": list(OFFICIAL_OVERRIDES),
+        "batch": n,
+        "shapes": shapes,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "rows": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(out) as tmp_out:
+        tmp_out.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="*", default=["tiny", "mini"])
@@ -172,9 +461,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--gpu", action="store_true", help="run on the GPU (bf16), report MFU")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--preset", choices=["official"], help="the official benchmark shapes")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (--preset)")
+    parser.add_argument("--out", help="JSON path (--preset; default bench/results/...)")
     args = parser.parse_args()
     if not args.gpu:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.preset:
+        if args.steps == parser.get_default("steps"):
+            args.steps = 2
+        official_preset(args)
+        return
 
     import jax
     import torch
@@ -195,6 +492,7 @@ def main() -> None:
                 "stage1.synthetic_songs=8",
                 f"train.global_batch_size={args.batch}",
                 f"train.compute_dtype={dtype}",
+                "stage1.random_musicgen=true",  # step speed: the weights' values do not matter
             ]
             for mode in ("features", "codes"):
                 cfg = load_config(name, [*base, f"stage1.audio_input={mode}"])

@@ -227,6 +227,9 @@ class QFormerConfig(Section):
     # recompute each layer's activations in the backward pass instead of storing them: trades
     # ~1/3 more Q-Former compute for memory (paper size on TPU v5e-16 needs it)
     remat: bool = False
+    # the note stream (word/position embeddings, downsampling, text FFNs, LM head): stage 1 needs
+    # it; stage 2 deletes it and keeps only the query branch (SPEC 4.1)
+    symbolic_branch: bool = True
 
     def check_relations(self, prefix: str) -> None:
         _divides_hidden(self, prefix)
@@ -248,10 +251,15 @@ class QFormerConfig(Section):
 
 @dataclasses.dataclass(frozen=True)
 class AudioConfig(Section):
-    """Clip geometry shared by audio I/O, feature extraction and segmentation (SPEC 1.1)."""
+    """Clip geometry shared by audio I/O, feature extraction and segmentation (SPEC 1.1), and
+    the frozen audio front end the Q-Former reads: ``musicgen`` (the paper's MusicGen features,
+    width ``musicgen.hidden_size``) or ``mel`` (log-mel frames of width ``n_mels`` at the same
+    50 frames/s and clip geometry, for when no MusicGen weights exist: ``bossa_jax.mel``)."""
 
     clip_frames: int = option(508, POSITIVE)  # 10.16 s at 50 Hz
     min_seconds: float = option(0.5, NON_NEGATIVE)
+    frontend: str = option("musicgen", one_of("musicgen", "mel"))
+    n_mels: int = option(64, POSITIVE)
 
     @property
     def pattern_steps(self) -> int:
@@ -364,7 +372,9 @@ class Stage1Config(Section):
     or manifest .jsonl) or synthetic (a small generated corpus under ``data_dir``). ``codes_dir``:
     the per-song codes store; ``feature_cache_dir``: per-split feature caches (built from the codes
     with ``musicgen_checkpoint`` when missing; in codes mode it also initialises the frozen
-    MusicGen). ``qformer_init``: a Q-Former checkpoint (``python -m convert.musicbert``) to start
+    MusicGen; codes mode without one (or an ``init_from`` holding MusicGen) is refused unless
+    ``random_musicgen`` asks for random MusicGen weights, for smoke runs). ``qformer_init``: a
+    Q-Former checkpoint (``python -m convert.musicbert``) to start
     from; ``init_from``: a stage-1 checkpoint (``convert.bossa`` / ``save_stage1``) to start from
     (not both). ``eval_batches``: validation batches per eval. ``feature_dtype``: how a new feature
     cache stores the features (bfloat16, float16 or float32; batches carry that dtype).
@@ -386,6 +396,7 @@ class Stage1Config(Section):
     feature_cache_dir: str = ""
     feature_dtype: str = option("bfloat16", one_of("bfloat16", "float16", "float32"))
     musicgen_checkpoint: str = ""
+    random_musicgen: bool = False
     qformer_init: str = ""
     init_from: str = ""
     synthetic_songs: int = option(8, POSITIVE)
@@ -454,6 +465,48 @@ class MuseCocoConfig(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class Stage2OptimConfig(OptimConfig):
+    """Stage 2's AdamW: stage 1's, with the official global-norm clipping at 1.0 (SPEC 7)."""
+
+    grad_clip_norm: float | None = option(1.0, POSITIVE, official=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage2TrainConfig(TrainConfig):
+    """Stage 2's loop: the official global batch of 32 (SPEC 7), clipping at 1.0."""
+
+    optim: Stage2OptimConfig = dataclasses.field(default_factory=Stage2OptimConfig)
+    global_batch_size: int = option(32, POSITIVE)
+    out_dir: str = "runs/stage2"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage2Config(Section):
+    """Stage-2 model, initialisation and training (SPEC 4, 7; run by ``bossa_jax.train.stage2``).
+
+    ``train``: stage 2's own loop settings (batch 32, clipping 1.0; stage 1 uses the top-level
+    ``train``). The data settings (dataset, folders, ``audio_input``, transposition, ``deperf``,
+    ``keep_eos``, ``clamp_clips``, threads) are the ``stage1`` section's: both stages read one
+    corpus. ``init_from``: a stage-1 checkpoint (``convert.bossa`` / ``save_stage1`` / export) for
+    the audio LayerNorm, the Q-Former's query branch and, when it has one, MusicGen;
+    ``musecoco_checkpoint``: a converted MuseCoco (``python -m convert.musecoco``). Unset, those
+    parts stay randomly initialised (smoke runs only; a warning says so). ``trainable``:
+    "official" (SPEC 4.2: query-only Q-Former, audio LayerNorm, LoRA, projection; 117 M at paper
+    size) or "lora_projection" (the paper's LoRA + projection). ``dropout``: the Q-Former's
+    dropout in training, as the official code. ``musecoco_dropout``: dropout inside the frozen
+    MuseCoco in training: the official quirk (SPEC 10.17); our default runs it deterministic.
+    """
+
+    train: Stage2TrainConfig = dataclasses.field(default_factory=Stage2TrainConfig)
+    init_from: str = ""
+    musecoco_checkpoint: str = ""
+    trainable: str = option("official", one_of("official", "lora_projection"), official="official")
+    dropout: bool = option(True, official=True)
+    musecoco_dropout: bool = option(False, official=True)
+    eval_batches: int = option(2, NON_NEGATIVE)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config(Section):
     """The whole resolved configuration of a run."""
 
@@ -466,16 +519,26 @@ class Config(Section):
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     stage1: Stage1Config = dataclasses.field(default_factory=Stage1Config)
     musecoco: MuseCocoConfig = dataclasses.field(default_factory=MuseCocoConfig)
+    stage2: Stage2Config = dataclasses.field(default_factory=Stage2Config)
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
 
     def check_relations(self, prefix: str) -> None:
-        # the Q-Former's cross-attention reads MusicGen features directly (SPEC 1.3)
+        # the Q-Former's cross-attention reads the front end's frames directly (SPEC 1.3)
+        if self.audio.frontend == "mel":
+            width_key, width = "audio.n_mels", self.audio.n_mels
+            _require(
+                self.stage1.audio_input == "features",
+                _join(prefix, "stage1.audio_input"),
+                "must be 'features' with audio.frontend=mel (codes feed MusicGen)",
+            )
+        else:
+            width_key, width = "musicgen.hidden_size", self.musicgen.hidden_size
         _require(
-            self.qformer.encoder_width == self.musicgen.hidden_size,
+            self.qformer.encoder_width == width,
             _join(prefix, "qformer.encoder_width"),
-            f"must equal musicgen.hidden_size ({self.musicgen.hidden_size}), "
+            f"must equal {width_key} ({width}) for audio.frontend={self.audio.frontend}, "
             f"got {self.qformer.encoder_width}",
         )
 

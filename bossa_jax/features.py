@@ -25,6 +25,9 @@ Command::
         [--encodec CKPT] [--config configs/paper.yaml] [--batch-size 8] [--overwrite]
         [key=value ...]
 
+With ``audio.frontend=mel`` (bossa_jax.mel) no checkpoint is needed: the features are frozen
+log-mel frames (512, audio.n_mels) of audio inputs, and the codes arrays are empty (n, 0, 508).
+
 ``--out`` ending in ``.npz`` writes one archive (``codes``, ``features``, ``masks``, ``files``);
 any other path becomes a directory with ``codes.npy``, ``features.npy`` (written as it goes, so
 large runs never hold all features in memory), ``masks.npy`` and ``files.txt``. The output is
@@ -434,18 +437,24 @@ def main(argv: Sequence[str]) -> int:
     if not paths:
         raise DataError("no input files given")
     random_init = args.random_init is not None
-    if not random_init and args.musicgen is None:
+    if cfg.audio.frontend == "mel":  # frozen log-mel frames, no checkpoint (bossa_jax.mel)
+        from bossa_jax.mel import MelExtractor
+
+        extractor = MelExtractor(cfg, batch_size=args.batch_size)
+        extractor.check(paths)
+    elif not random_init and args.musicgen is None:
         raise ConfigError("give --musicgen CHECKPOINT (or --random-init SEED for a smoke test)")
-    # check inputs (decoding each clip: silence too) before loading checkpoints
-    check_inputs(paths, cfg, has_encodec=args.encodec is not None or random_init, decode=True)
-    if random_init:
-        print(f"random weights (seed {args.random_init}): features are for smoke tests only")
-        extractor = random_extractor(cfg, seed=args.random_init, batch_size=args.batch_size)
     else:
-        extractor = build_extractor(
-            cfg, musicgen_path=args.musicgen, encodec_path=args.encodec,
-            batch_size=args.batch_size,
-        )  # fmt: skip
+        # check inputs (decoding each clip: silence too) before loading checkpoints
+        check_inputs(paths, cfg, has_encodec=args.encodec is not None or random_init, decode=True)
+        if random_init:
+            print(f"random weights (seed {args.random_init}): features are for smoke tests only")
+            extractor = random_extractor(cfg, seed=args.random_init, batch_size=args.batch_size)
+        else:
+            extractor = build_extractor(
+                cfg, musicgen_path=args.musicgen, encodec_path=args.encodec,
+                batch_size=args.batch_size,
+            )  # fmt: skip
     out = write_features(
         args.out, paths, extractor, progress=not args.no_progress, overwrite=args.overwrite
     )

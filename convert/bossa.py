@@ -1,7 +1,8 @@
-"""Released BOSSA stage-1 checkpoint (``bossa_stage1.pt``) -> bossa-jax ``Stage1Model`` (SPEC 7;
-DESIGN "Converters").
+"""Released BOSSA checkpoints (``bossa_stage1.pt``, ``bossa_stage2.pt``) -> bossa-jax
+``Stage1Model`` / ``Stage2Model`` (SPEC 7; DESIGN "Converters").
 
     python -m convert.bossa bossa_stage1.pt OUT --stage 1 [--config paper] [--no-musicgen]
+    python -m convert.bossa bossa_stage2.pt OUT --stage 2 [--config paper] [--no-musicgen]
 
 The file is the plain ``state_dict()`` of the official ``Blip2Qformer`` (SPEC 7 "Key prefixes"):
 
@@ -18,7 +19,13 @@ The file is the plain ``state_dict()`` of the official ``Blip2Qformer`` (SPEC 7 
 
 Every missing key and every key neither used nor deliberately skipped is reported by name; a wrong
 shape names the official key. ``--no-musicgen`` builds the model without MusicGen (features from a
-cache) and skips the ``musicgen_decoder.`` keys. Stage 2 is not converted yet.
+cache) and skips the ``musicgen_decoder.`` keys.
+
+Stage 2 (``Blip2Musecoco.state_dict()``): ``blip2qformer.`` + the stage-1 names minus the modules
+stage 2 deletes (SPEC 4.1: the query-only Q-Former, ``blip2qformer.layer_norm`` / ``ln_audio``,
+``blip2qformer.musicgen_decoder.*``), ``musecoco.`` + the HF-port MuseCoco names with
+``...self_attn.lora_{q,k,v}.lora_{A,B}`` (``convert/musecoco.py``'s table) and
+``musecoco_proj.{weight,bias}``. The whole file is read into host memory (not streamed yet).
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ import numpy as np
 from flax import nnx
 
 from bossa_jax.cli import ArgumentParser, add_output_options
-from bossa_jax.config import Config, load_config
+from bossa_jax.config import Config, QFormerConfig, load_config
 from bossa_jax.errors import CheckpointError, run_cli
+from bossa_jax.models.arranger import CHECKPOINT_KIND as STAGE2_CHECKPOINT_KIND
+from bossa_jax.models.arranger import Stage2Model, save_stage2
 from bossa_jax.models.bossa import CHECKPOINT_KIND, Stage1Model, save_stage1
 from bossa_jax.outputs import check_output
 from convert.common import LazyTensors, TensorReader, check_missing, fill, load_state_dict
@@ -169,16 +178,92 @@ def convert_stage1(
     return model
 
 
+# -- stage 2 (SPEC 4.1, 7): the query-only Q-Former, projection and MuseCoco with LoRA ----------
+STAGE2_QFORMER_PREFIX = "blip2qformer."
+STAGE2_MUSECOCO_PREFIX = "musecoco."
+# the stage-1 parts a stage-2 file still holds but Stage2Model does not use (features mode)
+STAGE2_SKIPPED_PREFIXES = tuple(
+    STAGE2_QFORMER_PREFIX + p for p in (MUSICGEN_PREFIX, *SKIPPED_PREFIXES)
+)
+
+
+def stage2_rules(qformer: QFormerConfig) -> dict[str, Rule]:
+    """``Stage2Model`` parameter path (Q-Former side and projection) -> (official key,
+    transform): ``blip2qformer.`` + the stage-1 names minus the modules stage 2 deletes."""
+    query_only = dataclasses.replace(qformer, symbolic_branch=False)
+    prefix = STAGE2_QFORMER_PREFIX
+    rules = {
+        f"qformer.{path}": rule
+        for path, rule in official_qformer_rules(
+            query_only, prefix=f"{prefix}Qformer.", query_tokens=f"{prefix}query_tokens"
+        ).items()
+    }
+    rules["audio_layer_norm.scale"] = (f"{prefix}layer_norm.weight", _same)
+    rules["audio_layer_norm.bias"] = (f"{prefix}layer_norm.bias", _same)
+    rules["musecoco_proj.kernel"] = ("musecoco_proj.weight", _transpose)
+    rules["musecoco_proj.bias"] = ("musecoco_proj.bias", _same)
+    return rules
+
+
+def stage2_values(
+    tensors: Mapping[str, np.ndarray], model: Any, *, source: str
+) -> dict[str, np.ndarray]:
+    """Official stage-2 tensors -> values of ``model`` (an abstract ``Stage2Model``; its MusicGen,
+    when it has one, from ``blip2qformer.musicgen_decoder.*``) by dotted path.
+    ``blip2qformer.ln_audio`` is renamed as the notebook does."""
+    from convert.musecoco import source_to_flax
+
+    tensors = load_state_dict(tensors)
+    ln_audio, layer_norm = (f"{STAGE2_QFORMER_PREFIX}{n}." for n in ("ln_audio", "layer_norm"))
+    renamed = tensors.view({key.replace(ln_audio, layer_norm): key for key in tensors})
+    reader = TensorReader(renamed, source)
+    rules = stage2_rules(model.cfg)
+    check_missing(renamed, [key for key, _ in rules.values()], source=source)
+    values = values_from_official(model, reader, rules, source=source)
+    musecoco = renamed.under(STAGE2_MUSECOCO_PREFIX)
+    musecoco.name = f"{source} [{STAGE2_MUSECOCO_PREFIX}*]"
+    for path, value in source_to_flax(musecoco, model.musecoco).items():
+        values[f"musecoco.{path}"] = value
+    if model.musicgen is not None:  # under the stage-1 prefix, one of convert.musicgen's layouts
+        prefix = STAGE2_QFORMER_PREFIX + MUSICGEN_PREFIX
+        stage1_names = {k[len(STAGE2_QFORMER_PREFIX) :]: k for k in renamed if k.startswith(prefix)}
+        musicgen = hf_to_flax(renamed.view(stage1_names), model.musicgen.cfg, source=source)
+        values.update({f"musicgen.{path}": value for path, value in musicgen.items()})
+    reader.check_unused(
+        ignore_prefixes=STAGE2_SKIPPED_PREFIXES + (STAGE2_MUSECOCO_PREFIX,),
+        ignore_suffixes=SKIPPED_KEYS,
+    )
+    return values
+
+
+def convert_stage2(
+    source: str | Path | Mapping[str, Any],
+    cfg: Config | None = None,
+    *,
+    with_musicgen: bool = True,
+) -> Stage2Model:
+    """Builds a :class:`Stage2Model` holding a released/official stage-2 state dict
+    (``bossa_stage2.pt``); ``cfg`` gives the sizes (default: paper), every shape is checked."""
+    cfg = cfg or load_config("paper")
+    name = "state dict" if isinstance(source, Mapping) else str(source)
+    tensors = load_state_dict(source)
+    musicgen = cfg.musicgen if with_musicgen else None
+    model = nnx.eval_shape(
+        lambda: Stage2Model(cfg.qformer, cfg.musecoco, musicgen, rngs=nnx.Rngs(0))
+    )
+    fill(model, stage2_values(tensors, model, source=name), source=name)
+    return model
+
+
 def main(argv: Sequence[str]) -> int:
     parser = ArgumentParser(
         prog="python -m convert.bossa",
-        description="Official BOSSA stage-1 checkpoint (.pt) -> bossa-jax Stage1Model (SPEC 7).",
+        description="Official BOSSA checkpoint (.pt) -> bossa-jax Stage1Model / Stage2Model "
+        "(SPEC 7).",
     )
-    parser.add_argument("source", help="official stage-1 file, e.g. bossa_stage1.pt")
+    parser.add_argument("source", help="official file, e.g. bossa_stage1.pt or bossa_stage2.pt")
     parser.add_argument("output", help="output directory (bossa-jax checkpoint)")
-    parser.add_argument(
-        "--stage", type=int, choices=(1,), required=True, help="checkpoint stage (only 1 so far)"
-    )
+    parser.add_argument("--stage", type=int, choices=(1, 2), required=True, help="checkpoint stage")
     parser.add_argument("--config", default="paper", help="config giving the model sizes")
     parser.add_argument(
         "--no-musicgen", action="store_true", help="leave MusicGen out (features from a cache)"
@@ -186,10 +271,20 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     add_output_options(parser)
     args = parser.parse_args(argv)
-    check_output(
-        args.output, CHECKPOINT_KIND, folder=True, overwrite=args.overwrite, sources=[args.source]
-    )
+    kind = CHECKPOINT_KIND if args.stage == 1 else STAGE2_CHECKPOINT_KIND
+    check_output(args.output, kind, folder=True, overwrite=args.overwrite, sources=[args.source])
     cfg = load_config(args.config, args.overrides)
+    if args.stage == 2:
+        arranger = convert_stage2(args.source, cfg, with_musicgen=not args.no_musicgen)
+        save_stage2(args.output, arranger, overwrite=args.overwrite)
+        m = cfg.musecoco
+        print(
+            f"wrote {args.output}: stage-2 query-only Q-Former, projection "
+            f"{cfg.qformer.hidden_size} -> {m.hidden_size}, MuseCoco {m.num_hidden_layers}x"
+            f"{m.hidden_size} with LoRA r{m.lora_rank}"
+            + ("" if args.no_musicgen else f", MusicGen {cfg.musicgen.keep_layers} blocks")
+        )
+        return 0
     model = convert_stage1(args.source, cfg, with_musicgen=not args.no_musicgen)
     save_stage1(args.output, model, overwrite=args.overwrite)
     q = cfg.qformer

@@ -187,24 +187,27 @@ _NUMPY_SAFETENSORS = ("F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOO
 def _safetensors(path: Path) -> LazyTensors:
     """A ``.safetensors`` file: names, shapes and dtypes from its header; each access opens the
     file, reads that one tensor through ``safe_open`` and closes it again, so the mapped pages of
-    tensors already read do not stay resident (peak RSS near one copy of what was converted)."""
+    tensors already read do not stay resident (peak RSS near one copy of what was converted).
+    bf16, which numpy cannot hold, comes through the flax backend as ``ml_dtypes.bfloat16``."""
     import safetensors
 
     try:
-        handle = safetensors.safe_open(str(path), framework="numpy")
-        slices = {key: handle.get_slice(key) for key in handle.keys()}
-        header = {k: (s.get_dtype(), tuple(s.get_shape())) for k, s in slices.items()}
-        del handle, slices
+        with safetensors.safe_open(str(path), framework="numpy") as handle:
+            header = {
+                key: (handle.get_slice(key).get_dtype(), tuple(handle.get_slice(key).get_shape()))
+                for key in handle.keys()
+            }
     except Exception as err:
         raise CheckpointError(
             f"{path}: not a readable safetensors file ({one_line(str(err))[:200]})"
         ) from err
 
     def loader(key: str, dtype: str) -> Callable[[], np.ndarray]:
+        framework = "numpy" if dtype in _NUMPY_SAFETENSORS else "flax"
+
         def read() -> np.ndarray:
-            framework = "numpy" if dtype in _NUMPY_SAFETENSORS else "flax"
-            handle = safetensors.safe_open(str(path), framework=framework)
-            return np.asarray(handle.get_tensor(key))  # the handle (and its mapping) goes here
+            with safetensors.safe_open(str(path), framework=framework) as handle:
+                return np.asarray(handle.get_tensor(key))
 
         return read
 

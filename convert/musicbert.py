@@ -140,14 +140,18 @@ def official_qformer_rules(
 
     ``prefix`` is put before every ``BertLMHeadModel`` key (``"Qformer."`` in stage-1 files);
     ``query_tokens`` names the official query parameter (None: leave it out of the table).
+    With ``cfg.symbolic_branch`` False the table covers the stage-2 Q-Former only (no word or
+    position embeddings, downsampling, text FFNs or LM head: SPEC 4.1).
     """
     r: dict[str, Rule] = {}
-    r["word_embeddings.embedding"] = (f"{prefix}bert.embeddings.word_embeddings.weight", _same)
-    r["position_embeddings.embedding"] = (
-        f"{prefix}bert.embeddings.position_embeddings.weight",
-        _same,
-    )
-    _linear(r, "downsampling", f"{prefix}bert.embeddings.downsampling")
+    symbolic = cfg.symbolic_branch  # False: the stage-2 Q-Former, note stream deleted (SPEC 4.1)
+    if symbolic:
+        r["word_embeddings.embedding"] = (f"{prefix}bert.embeddings.word_embeddings.weight", _same)
+        r["position_embeddings.embedding"] = (
+            f"{prefix}bert.embeddings.position_embeddings.weight",
+            _same,
+        )
+        _linear(r, "downsampling", f"{prefix}bert.embeddings.downsampling")
     _norm(r, "embed_norm", f"{prefix}bert.embeddings.LayerNorm")
     for i in range(cfg.num_hidden_layers):
         ours, theirs = f"layers.{i}", f"{prefix}bert.encoder.layer.{i}"
@@ -162,14 +166,16 @@ def official_qformer_rules(
                 )
             _linear(r, f"{ours}.{our_block}.out_proj", f"{theirs}.{their_block}.output.dense")
             _norm(r, f"{ours}.{our_block}_norm", f"{theirs}.{their_block}.output.LayerNorm")
-        for our_ffn, suffix in (("text", ""), ("query", "_query")):
+        ffns = (("text", ""), ("query", "_query")) if symbolic else (("query", "_query"),)
+        for our_ffn, suffix in ffns:
             _linear(r, f"{ours}.{our_ffn}_mlp.fc1", f"{theirs}.intermediate{suffix}.dense")
             _linear(r, f"{ours}.{our_ffn}_mlp.fc2", f"{theirs}.output{suffix}.dense")
             _norm(r, f"{ours}.{our_ffn}_norm", f"{theirs}.output{suffix}.LayerNorm")
-    _linear(r, "lm_head.upsampling", f"{prefix}upsampling")
-    _linear(r, "lm_head.dense", f"{prefix}cls.predictions.transform.dense")
-    _norm(r, "lm_head.norm", f"{prefix}cls.predictions.transform.LayerNorm")
-    _linear(r, "lm_head.decoder", f"{prefix}cls.predictions.decoder")
+    if symbolic:
+        _linear(r, "lm_head.upsampling", f"{prefix}upsampling")
+        _linear(r, "lm_head.dense", f"{prefix}cls.predictions.transform.dense")
+        _norm(r, "lm_head.norm", f"{prefix}cls.predictions.transform.LayerNorm")
+        _linear(r, "lm_head.decoder", f"{prefix}cls.predictions.decoder")
     if query_tokens is not None:
         r["query_tokens"] = (query_tokens, _same)
     return r

@@ -93,6 +93,10 @@ def world(tmp_path_factory):
     model = random_module(lambda: EncodecEncoder(ENCODEC_CFG, rngs=nnx.Rngs(0)), 0)
     checkpoint.save_module(w / "encodec", model, config_section(ENCODEC_CFG))
     synthetic.write_pop909_song(w / "pop909", "001", bars=4, seed=0, audio_root=w / "audio")
+    (w / "oldrun" / "checkpoints" / "4").mkdir(parents=True)  # a training run's folder
+    (w / "oldrun" / "config.yaml").write_text("name: tiny\n")
+    (w / "include5.yaml").write_text("include: 5\n")
+    (w / "latin1.yaml").write_bytes("name: caf\u00e9\n".encode("latin-1"))
     return w
 
 
@@ -155,11 +159,29 @@ ROWS = [
     ("bossa", ["{w}/missing.pt", "{w}/out", "--config", TINY], "--stage"),
     ("musecoco", ["{w}/mydir", "{w}/mydir"], "is the input"),
     ("musecoco", ["{w}/missing", "{w}/out", "--dtype", "float16"], "invalid choice"),
+    # bad configs and overrides: one line naming the key or the file, before any work
+    ("features", ["{w}/good.wav", *FEATURES, "qformer.num_attention_heads=0"],
+     "qformer.num_attention_heads"),
+    ("features", ["{w}/good.wav", *FEATURES, "musicgen.ffn_dim=-64"], "musicgen.ffn_dim"),
+    ("musicbert", ["{w}/missing.pt", "{w}/out", "--config", TINY, "qformer.hidden_size=-32"],
+     "qformer.hidden_size"),
+    ("train", ["stage1", "--config", "{w}/include5.yaml"], "include"),
+    ("train", ["stage1", "--config", "{w}/latin1.yaml"], "latin1.yaml"),
+    ("train", ["stage1", "--config", TINY, "train.optim.lr=1e-4x"], "train.optim.lr"),
+    ("train", [*EVAL, "audio.min_seconds=-1"], "audio.min_seconds"),
     # train.py and generate.py
     ("train", ["stage1", "--config", TINY, "train.bogus=1"], "train.bogus"),
+    ("train", ["stage1", "--config", TINY, "train.out_dir={w}/oldrun"], "--overwrite"),
+    ("train", ["stage1", "--config", TINY, "train.out_dir={w}/oldrun", "--resume", "--overwrite"],
+     "exclude each other"),
+    ("train", ["stage1", "--config", TINY, "train.out_dir={w}/new", "stage1.random_musicgen=false"],
+     "stage1.musicgen_checkpoint"),
+    ("train", ["export", "{w}/oldrun", "{w}/mydir"], "not written by bossa-jax"),
+    ("train", ["export", "{w}/mydir", "{w}/out", "--config", TINY], "not a stage-1 run"),
     ("train", [*EVAL, "--out", "{w}/mydir"], "is a folder"),
     ("train", [*EVAL, "--out", "{w}/notes.txt/r.json"], "is a file and not a folder"),
-    ("train", ["stage2"], "not built yet"),
+    ("train", ["stage2"], "--config"),
+    ("train", ["stage2", "--config", TINY, "stage2.bogus=1"], "stage2.bogus"),
     ("generate", ["--lead-sheet", LEADSHEET], "not built yet"),
 ]
 # fmt: on

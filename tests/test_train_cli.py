@@ -1,17 +1,21 @@
 """train.py: a tiny stage-1 run on a generated corpus through the real entry point (subprocess),
-exact resume from a checkpoint, retrieval evaluation of the run, and one-line errors."""
+exact resume from a checkpoint, retrieval evaluation and export of the run, a re-run refused
+without --resume / --overwrite, damaged checkpoints as one stderr line, and one-line errors."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.train.run_files import damage_checkpoint, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ("bar", "pos", "inst", "pitch", "dur", "vel", "ts", "tempo")
@@ -109,6 +113,58 @@ def test_eval_retrieval_on_the_run(run):
     assert 1.0 <= report["summary"]["mean_rank"]["mean"] <= 4.0
 
 
+LOG_LINE = re.compile(r"^(DEBUG|INFO|WARNING) [\w.]+: ")
+
+
+def _only_error_line(result: subprocess.CompletedProcess) -> str:
+    """The one stderr line besides log records; no traceback anywhere."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
+    lines = [x for x in result.stderr.splitlines() if x.strip() and not LOG_LINE.match(x)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    return lines[0]
+
+
+def test_rerun_into_the_finished_run_is_refused(run):
+    tmp, out, args, _ = run
+    before = snapshot(out / "checkpoints"), (out / "metrics.jsonl").read_bytes()
+    config = (out / "config.yaml").read_bytes()
+    again = _train(tmp, *args, f"train.out_dir={out}", *RUN, "train.optim.lr=0.001")
+    line = _only_error_line(again)
+    assert str(out) in line and "--resume" in line and "--overwrite" in line
+    assert (snapshot(out / "checkpoints"), (out / "metrics.jsonl").read_bytes()) == before
+    assert (out / "config.yaml").read_bytes() == config
+
+
+def test_damaged_checkpoints_are_one_line(run):
+    tmp, out, args, _ = run
+    damaged = tmp / "damaged"
+    shutil.copytree(out / "checkpoints", damaged / "checkpoints")
+    for step_dir in (damaged / "checkpoints").iterdir():
+        damage_checkpoint(step_dir)
+    result = _train(
+        tmp, "eval-retrieval", "--config", str(out / "config.yaml"), "--checkpoint", str(damaged),
+        "--pairs", "4", "--rounds", "1", "--out", str(tmp / "damaged.json"),
+    )  # fmt: skip
+    assert "cannot restore" in _only_error_line(result)
+    assert not (tmp / "damaged.json").exists()
+    shutil.copytree(out / "synthetic-data", damaged / "synthetic-data")
+    resumed = _train(tmp, *args, f"train.out_dir={damaged}", *RUN, "--resume")
+    assert "no checkpoint in" in _only_error_line(resumed)
+
+
+def test_export_of_the_run(run):
+    tmp, out, _, _ = run
+    result = _train(tmp, "export", str(out), str(tmp / "exported"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"out": str(tmp / "exported")}
+    assert "name: bossa_stage1" in (tmp / "exported" / "config.yaml").read_text()
+    again = _train(tmp, "export", str(out), str(tmp / "exported"))
+    assert "pass --overwrite" in _only_error_line(again)
+    replaced = _train(tmp, "export", str(out), str(tmp / "exported"), "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+
+
 # --- bad inputs: one line on stderr, non-zero exit (in-process, no compile) -------------------
 @pytest.fixture(scope="module")
 def cli():
@@ -129,10 +185,21 @@ def _error_line(cli, capsys, argv) -> str:
     return err[-1]
 
 
+NO_RUN = "train.out_dir=/nonexistent/run"  # not a run folder a developer may have in the checkout
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["stage1", "--config", "configs/tiny.yaml", "stage1.bogus=1"], "unknown config key"),
+        (
+            ["stage1", "--config", "configs/tiny.yaml", "--resume", "--overwrite"],
+            "exclude each other",
+        ),
+        (
+            ["stage1", "--config", "configs/tiny.yaml", "stage1.random_musicgen=false", NO_RUN],
+            "stage1.musicgen_checkpoint",
+        ),
         (["stage1", "--config", "configs/tiny.yaml", "train.global_batch_size=6"], "not divisible"),
         (
             [
@@ -141,11 +208,16 @@ def _error_line(cli, capsys, argv) -> str:
                 "configs/tiny.yaml",
                 "stage1.dataset=pop909",
                 "stage1.data_dir=/nonexistent/pop909",
+                NO_RUN,
             ],
             "/nonexistent/pop909 not found",
         ),  # fmt: skip
         (["stage1", "--config", "configs/missing.yaml"], "config file not found"),
-        (["stage2"], "not built yet"),
+        (["stage2"], "--config"),
+        (
+            ["stage2", "--config", "configs/tiny.yaml", "stage2.train.global_batch_size=6"],
+            "'stage2.train.global_batch_size': 6 is not divisible",
+        ),
         ([], "give a command"),
         (["stage1"], "--config"),
     ],

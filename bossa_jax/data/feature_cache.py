@@ -573,19 +573,42 @@ def build_feature_cache(
     compute_fn: Callable[[np.ndarray], np.ndarray],
     *,
     compute_id: str,
+    **options: Any,
+) -> FeatureCache:
+    """Computes ``compute_fn(codes (b, 4, 508) int32) -> (b, 512, D)`` for every clip, stored with
+    the clip's audio mask (and its padded codes with ``store_codes=True``).
+
+    ``song_codes(song_id)`` gives a song's whole codes (e.g. ``CodesStore(...).codes``);
+    ``compute_id`` names the compute function and its weights (a different id refuses to resume);
+    ``options``: ``dtype`` (bfloat16, float16 or float32), ``shard_size``, ``batch_size``,
+    ``store_codes``, ``progress`` as :func:`build_clip_feature_cache` takes them.
+    """
+
+    def compute(chunk: Sequence[ClipRef]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        padded = [clip_codes(song_codes(c.song_id), c) for c in chunk]
+        codes = np.stack([p[0] for p in padded]).astype(np.int32)
+        features = np.asarray(compute_fn(codes))
+        return features, np.stack([p[1] for p in padded]), codes
+
+    return build_clip_feature_cache(root, clips, compute, compute_id=compute_id, **options)
+
+
+def build_clip_feature_cache(
+    root: str | os.PathLike,
+    clips: Sequence[ClipRef],
+    compute_clips: Callable[[Sequence[ClipRef]], tuple[np.ndarray, ...]],
+    *,
+    compute_id: str,
     dtype: str = "bfloat16",
     shard_size: int = 256,
     batch_size: int = 8,
     store_codes: bool = False,
     progress: bool = True,
 ) -> FeatureCache:
-    """Computes ``compute_fn(codes (b, 4, 508) int32) -> (b, 512, D)`` for every clip, stored as
-    ``dtype`` (bfloat16, float16 or float32) with the clip's audio mask (and its padded codes when
-    ``store_codes``).
-
-    ``song_codes(song_id)`` gives a song's whole codes (e.g. ``CodesStore(...).codes``);
-    ``compute_id`` names the compute function and its weights (a different id refuses to resume).
-    """
+    """The feature cache of any frozen front end: ``compute_clips(clips)`` -> (features
+    (b, clip.length + 4, D), audio masks (b, clip.length + 4)[, padded codes (b, 4, clip.length)
+    when ``store_codes``]) for up to ``batch_size`` clips (MusicGen from codes:
+    :func:`build_feature_cache`; log-mel from the audio: ``bossa_jax.mel.clips_fn``)."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive: {batch_size}")
     if dtype not in FEATURE_DTYPES:
@@ -597,19 +620,19 @@ def build_feature_cache(
         records = []
         for lo in range(0, len(indices), batch_size):
             chunk = [clips[i] for i in indices[lo : lo + batch_size]]
-            padded = [clip_codes(song_codes(c.song_id), c) for c in chunk]
-            codes = np.stack([p[0] for p in padded]).astype(np.int32)
-            features = np.asarray(compute_fn(codes))
-            if features.ndim != 3 or features.shape[:2] != (len(chunk), codes.shape[2] + 4):
+            features, masks, *codes = compute_clips(chunk)
+            features = np.asarray(features)
+            steps = chunk[0].length + audio.PATTERN_EXTRA
+            if features.ndim != 3 or features.shape[:2] != (len(chunk), steps):
                 raise DataError(
                     f"compute_fn returned features of shape {features.shape}; expected "
-                    f"({len(chunk)}, {codes.shape[2] + 4}, D)"
+                    f"({len(chunk)}, {steps}, D)"
                 )
             features = features.astype(stored)
-            for j, (c, m) in enumerate(padded):
-                record = {"features": features[j], "audio_mask": m}
+            for j in range(len(chunk)):
+                record = {"features": features[j], "audio_mask": masks[j]}
                 if store_codes:
-                    record["codes"] = c.astype(np.int16)
+                    record["codes"] = codes[0][j].astype(np.int16)
                 records.append(record)
         return records
 

@@ -58,7 +58,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from bossa_jax import sharding
-from bossa_jax.audio import CLIP_FRAMES
+from bossa_jax.audio import CLIP_FRAMES, PATTERN_EXTRA
 from bossa_jax.data.feature_cache import ClipRef, CodesStore, FeatureCache, clip_codes
 from bossa_jax.data.readers import SongRecord
 from bossa_jax.errors import DataError
@@ -193,12 +193,12 @@ class AudioSource:
     def read_batch(self, example_ids: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """The audio fields of these examples, stacked: ``features`` (B, 512, D) and
         ``audio_mask`` (B, 512) read straight into the batch, or ``codes`` (B, 4, 508) cut from
-        the songs' codes."""
+        the songs' codes (508: the index's clip length, ``audio.clip_frames``)."""
         if self._features is not None:
             return self._features.read_batch(example_ids)
-        steps = segment.CLIP_FRAMES + segment.PATTERN_STEPS
-        codes = np.empty((len(example_ids), 4, segment.CLIP_FRAMES), np.int32)
-        masks = np.empty((len(example_ids), steps), np.float32)
+        length = self.index.clip_length
+        codes = np.empty((len(example_ids), 4, length), np.int32)
+        masks = np.empty((len(example_ids), length + PATTERN_EXTRA), np.float32)
         for row, example_id in enumerate(example_ids):
             clip = self._clips[int(example_id)]
             codes[row], masks[row] = clip_codes(self._codes(clip.song_id), clip)

@@ -40,7 +40,7 @@ JSONL manifest (your own data), one object per line; paths are relative to the m
   arrangement's), or ``chords`` = a POP909-style ``chord_midi.txt`` with the melody taken from the
   arrangement track named ``melody_track`` (default ``MELODY``). Optional ``id`` (default: the
   arrangement's file stem), ``dataset`` (default: the manifest's stem), ``split`` (train /
-  validation / test).
+  validation / test), ``style`` (a label for evaluation, e.g. the style corpus's; not read here).
 
 Splits are per song, never per window. In order of precedence: the manifest's ``split`` field, a
 split file in the official ``dataset_split.json`` format (``{"<dataset>": {"validation": [names],
@@ -248,7 +248,7 @@ def _manifest_entry(line: str, base: Path, default_dataset: str) -> SongSource:
         raise DataError(f"not a JSON object ({err})") from err
     if not isinstance(entry, dict):
         raise DataError("not a JSON object")
-    unknown = set(entry) - _MANIFEST_KEYS - {"melody_track"}
+    unknown = set(entry) - _MANIFEST_KEYS - {"melody_track", "style"}
     if unknown:
         raise DataError(f"unknown keys {sorted(unknown)} (known: {sorted(_MANIFEST_KEYS)})")
     if not isinstance(entry.get("arrangement"), str):

@@ -1,8 +1,10 @@
 """Softmax multi-head attention through ``jax.nn.dot_product_attention`` with an optional
-functional KV cache (DESIGN "Attention").
+functional KV cache, past keys/values and attention dropout (DESIGN "Attention").
 
 Masked keys get a large finite negative inside ``jax.nn.dot_product_attention`` (never -inf), so a
 fully masked row averages instead of becoming NaN. Layout is (batch, length, heads, head_dim).
+With an active :class:`~bossa_jax.layers.Dropout` stream and a rate, the probabilities are formed
+explicitly and dropped (BERT's attention dropout, the Q-Former's ``attention_probs_dropout_prob``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bossa_jax.layers.dropout import Dropout
 from bossa_jax.layers.linear import Linear, default_kernel_init
+
+KeyValue = tuple[jax.Array, jax.Array]  # projected keys, values: (B, L, heads, head_dim) each
 
 
 @jax.tree_util.register_dataclass
@@ -43,8 +48,16 @@ def dot_product_attention(
     is_causal: bool = False,
     scale: float | None = None,
     implementation: str | None = None,
+    dropout: Dropout | None = None,
+    dropout_rate: float = 0.0,
 ) -> jax.Array:
-    """q (B,T,H,D), k/v (B,S,H,D); ``mask`` bool broadcastable to (B,H,T,S), True = attend."""
+    """q (B,T,H,D), k/v (B,S,H,D); ``mask`` bool broadcastable to (B,H,T,S), True = attend;
+    ``bias`` additive, broadcastable to (B,H,T,S). With an active ``dropout`` stream and
+    ``dropout_rate > 0`` the probabilities are dropped (:func:`attention_with_dropout`)."""
+    if dropout is not None and dropout.active and dropout_rate > 0.0:
+        return attention_with_dropout(
+            q, k, v, dropout, dropout_rate, mask=mask, bias=bias, is_causal=is_causal, scale=scale
+        )
     if (
         implementation is None
         and is_causal
@@ -78,6 +91,35 @@ def dot_product_attention(
         return jax.nn.dot_product_attention(
             q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale, implementation="xla"
         )
+
+
+def attention_with_dropout(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    dropout: Dropout,
+    rate: float,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> jax.Array:
+    """Softmax attention with dropout on the probabilities (BERT): fp32 logits and softmax, masked
+    keys at finfo(fp32).min (exact zero weight; an all-masked row stays uniform)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # scaling q (T*D values) instead of the logits (T*S): exact when scale is a power of two
+    logits = jnp.einsum("bthd,bshd->bhts", q * jnp.asarray(scale, q.dtype), k)
+    logits = logits.astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if is_causal:
+        causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool), k.shape[1] - q.shape[1])
+        mask = causal if mask is None else mask & causal
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(logits, axis=-1), rate).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, v)
 
 
 CAUSAL_BLOCK = 128
@@ -160,12 +202,21 @@ class Attention(nnx.Module):
         bias: jax.Array | None = None,
         is_causal: bool = False,
         cache: KVCache | None = None,
-        past: tuple[jax.Array, jax.Array] | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
-        """Returns (output, updated cache). ``past`` prepends already projected (k, v) (BLIP-2's
-        cached query keys); ``cache`` appends this call's keys to a running decode cache."""
+        past: KeyValue | None = None,
+        projected: KeyValue | None = None,
+        dropout: Dropout | None = None,
+        dropout_rate: float = 0.0,
+        return_kv: bool = False,
+    ) -> tuple[jax.Array, KVCache | KeyValue | None]:
+        """Returns (output, updated cache), or (output, this call's projected (k, v)) with
+        ``return_kv`` (the K/V a later call can take as ``past``). ``past`` prepends already
+        projected (k, v) (BLIP-2's cached query keys); ``cache`` appends this call's keys to a
+        running decode cache; ``projected`` = :meth:`project_kv` of ``kv`` computed once by the
+        caller (shared by several calls); ``dropout`` + ``dropout_rate`` drop attention
+        probabilities."""
         q = self._heads(self.q_proj(x))
-        k, v = self.project_kv(x if kv is None else kv)
+        k, v = projected if projected is not None else self.project_kv(x if kv is None else kv)
+        own = (k, v)
         if past is not None:
             k = jnp.concatenate([past[0].astype(k.dtype), k], axis=1)
             v = jnp.concatenate([past[1].astype(v.dtype), v], axis=1)
@@ -186,6 +237,15 @@ class Attention(nnx.Module):
             visible = visible[None, None]
             mask = visible if mask is None else mask & visible
             k, v, is_causal = key.astype(q.dtype), value.astype(q.dtype), False
-        out = dot_product_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal)
-        out = out.reshape(*out.shape[:-2], self.num_heads * self.head_dim)
-        return self.out_proj(out), cache
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            bias=bias,
+            is_causal=is_causal,
+            dropout=dropout,
+            dropout_rate=dropout_rate,
+        )
+        out = self.out_proj(out.reshape(*out.shape[:-2], self.num_heads * self.head_dim))
+        return (out, own) if return_kv else (out, cache)

@@ -40,7 +40,7 @@ from bossa_jax.errors import CheckpointError
 from bossa_jax.layers import LayerNorm, Linear
 from bossa_jax.models import losses
 from bossa_jax.models.musicgen import MusicgenFeatures
-from bossa_jax.models.qformer import QFormer
+from bossa_jax.models.qformer import FeatureKeyValues, QFormer
 from bossa_jax.sharding import constrain
 
 PROJ_DIM = 256  # ITC embedding width (SPEC 2.3)
@@ -74,6 +74,41 @@ def _head(in_features: int, out_features: int, rngs: nnx.Rngs) -> Linear:
     )
 
 
+def audio_front(
+    qformer: QFormerConfig, musicgen: MusicgenConfig | None, *, owner: str, rngs: nnx.Rngs
+) -> tuple[MusicgenFeatures | None, LayerNorm]:
+    """The audio side of both stages: the frozen MusicGen (None when features come from a cache)
+    and BOSSA's trainable audio LayerNorm over its features (SPEC 1.3)."""
+    if musicgen is not None and musicgen.hidden_size != qformer.encoder_width:
+        raise ValueError(
+            f"{owner}: qformer.encoder_width ({qformer.encoder_width}) must equal "
+            f"musicgen.hidden_size ({musicgen.hidden_size})"
+        )
+    frozen = MusicgenFeatures(musicgen, rngs=rngs) if musicgen is not None else None
+    return frozen, LayerNorm(qformer.encoder_width, eps=AUDIO_LN_EPS, axis_name="feature")
+
+
+def normalised_features(
+    musicgen: MusicgenFeatures | None,
+    audio_layer_norm: LayerNorm,
+    *,
+    codes: jax.Array | None = None,
+    features: jax.Array | None = None,
+    owner: str = "model",
+) -> jax.Array:
+    """Frozen MusicGen features through BOSSA's audio LayerNorm (SPEC 1.3), stages 1 and 2:
+    from ``codes`` (B, 4, T) through ``musicgen`` or from cached raw ``features``
+    (B, T + 4, encoder_width); exactly one of them."""
+    if (codes is None) == (features is None):
+        raise ValueError(f"{owner}: give exactly one of codes or features")
+    if codes is not None:
+        if musicgen is None:
+            raise ValueError(f"{owner}: built without MusicGen; pass cached features")
+        features = musicgen(codes)
+    # MusicGen is frozen: no gradient ever flows into it or through its output
+    return audio_layer_norm(jax.lax.stop_gradient(features))
+
+
 class Stage1Model(nnx.Module):
     """Stage 1 of BOSSA (see the module docstring). ``dtype`` is the Q-Former compute dtype
     (None: fp32); MusicGen's dtype comes from its config."""
@@ -87,15 +122,9 @@ class Stage1Model(nnx.Module):
         dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):
-        if musicgen is not None and musicgen.hidden_size != qformer.encoder_width:
-            raise ValueError(
-                f"Stage1Model: qformer.encoder_width ({qformer.encoder_width}) must equal "
-                f"musicgen.hidden_size ({musicgen.hidden_size})"
-            )
         self.cfg = qformer
-        self.musicgen = MusicgenFeatures(musicgen, rngs=rngs) if musicgen is not None else None
-        self.audio_layer_norm = LayerNorm(
-            qformer.encoder_width, eps=AUDIO_LN_EPS, axis_name="feature"
+        self.musicgen, self.audio_layer_norm = audio_front(
+            qformer, musicgen, owner="Stage1Model", rngs=rngs
         )
         self.qformer = QFormer(qformer, dtype=dtype, rngs=rngs)
         d = qformer.hidden_size
@@ -124,14 +153,13 @@ class Stage1Model(nnx.Module):
 
         Give ``codes`` (B, 4, T) EnCodec codes (needs ``musicgen``) or cached ``features``
         (B, T + 4, encoder_width), the raw MusicGen output before BOSSA's LayerNorm."""
-        if (codes is None) == (features is None):
-            raise ValueError("Stage1Model: give exactly one of codes or features")
-        if codes is not None:
-            if self.musicgen is None:
-                raise ValueError("Stage1Model: built without MusicGen; pass cached features")
-            features = self.musicgen(codes)
-        # MusicGen is frozen: no gradient ever flows into it or through its output
-        return self.audio_layer_norm(jax.lax.stop_gradient(features))
+        return normalised_features(
+            self.musicgen,
+            self.audio_layer_norm,
+            codes=codes,
+            features=features,
+            owner="Stage1Model",
+        )
 
     # -- the two unimodal encoders (SPEC 3.1) ------------------------------------------------
 
@@ -140,13 +168,19 @@ class Stage1Model(nnx.Module):
         features: jax.Array,
         audio_mask: jax.Array | None,
         *,
+        feature_kv: FeatureKeyValues | None = None,
         deterministic: bool = True,
         dropout_rng: jax.Array | None = None,
     ):
         """Normalised features -> (unit audio embeddings (B, Q, 256), query outputs (B, Q, D),
-        the queries' per-layer self-attention K/V for ITG)."""
+        the queries' per-layer self-attention K/V for ITG). ``feature_kv``: the features'
+        cross-attention K/V when the caller has them (``QFormer.project_features``)."""
         query_out, past_kv = self.qformer.audio_pass(
-            features, audio_mask, deterministic=deterministic, dropout_rng=dropout_rng
+            features,
+            audio_mask,
+            feature_kv=feature_kv,
+            deterministic=deterministic,
+            dropout_rng=dropout_rng,
         )
         return losses.l2_normalize(self.audio_proj(query_out)), query_out, past_kv
 
@@ -156,14 +190,20 @@ class Stage1Model(nnx.Module):
         leadsheet_mask: jax.Array,
         pad_mask: jax.Array,
         *,
+        note_embeds: jax.Array | None = None,
         deterministic: bool = True,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
         """Octuple ids (B, 8N) -> unit symbolic embeddings (B, 256): the output at the SOS note,
-        index n_ls = number of lead-sheet notes; lead-sheet and pad notes are masked as keys."""
+        index n_ls = number of lead-sheet notes; lead-sheet and pad notes are masked as keys.
+        ``note_embeds``: ``QFormer.embed_notes(notes)`` when the caller has it."""
         key_mask = leadsheet_mask * pad_mask
         hidden = self.qformer.symbolic_pass(
-            notes, key_mask, deterministic=deterministic, dropout_rng=dropout_rng
+            notes,
+            key_mask,
+            note_embeds=note_embeds,
+            deterministic=deterministic,
+            dropout_rng=dropout_rng,
         )
         n_leadsheet = jnp.sum(1 - leadsheet_mask, axis=-1).astype(jnp.int32)
         sos = jnp.take_along_axis(hidden, n_leadsheet[:, None, None], axis=1)[:, 0]
@@ -207,13 +247,22 @@ class Stage1Model(nnx.Module):
         drop = dict(deterministic=deterministic)
 
         feats = self.audio_features(codes=codes, features=features)
+        # the ITM pairs reuse the B audio and B symbolic rows: their cross-attention K/V and note
+        # embeddings (row-wise, before any dropout) are computed once and gathered
+        feature_kv = self.qformer.project_features(feats)
+        note_embeds = self.qformer.embed_notes(notes)
         audio_emb, _, past_kv = self.encode_audio(
-            feats, audio_mask, dropout_rng=None if deterministic else audio_key, **drop
+            feats,
+            audio_mask,
+            feature_kv=feature_kv,
+            dropout_rng=None if deterministic else audio_key,
+            **drop,
         )
         symbo_emb = self.encode_symbolic(
             notes,
             leadsheet_mask,
             pad_mask,
+            note_embeds=note_embeds,
             dropout_rng=None if deterministic else symbo_key,
             **drop,
         )
@@ -229,20 +278,25 @@ class Stage1Model(nnx.Module):
             negatives = losses.sample_hard_negatives(negative_key, sim_a2s, sim_s2a)
         neg_symbo_idx, neg_audio_idx = negatives
         note_key_mask = leadsheet_mask * pad_mask
-        match_notes = jnp.concatenate([notes, notes, notes[neg_symbo_idx]], axis=0)
-        match_note_mask = jnp.concatenate(
-            [note_key_mask, note_key_mask, note_key_mask[neg_symbo_idx]], axis=0
-        )
-        match_feats = jnp.concatenate([feats, feats[neg_audio_idx], feats], axis=0)
-        match_audio_mask = jnp.concatenate([audio_mask, audio_mask[neg_audio_idx], audio_mask])
-        # the 3B pairs stay sharded over the batch axes (the negatives come from any shard)
-        match_notes = constrain(match_notes, "batch", None)
-        match_feats = constrain(match_feats, "batch", "length", None)
+
+        def symbolic_rows(x: jax.Array) -> jax.Array:  # [pos ; pos ; negative symbolic]
+            return jnp.concatenate([x, x, x[neg_symbo_idx]], axis=0)
+
+        def audio_rows(x: jax.Array) -> jax.Array:  # [pos ; negative audio ; pos]
+            # the 3B pairs stay sharded over the batch axes (the negatives come from any shard)
+            rows = jnp.concatenate([x, x[neg_audio_idx], x], axis=0)
+            return constrain(rows, "batch", *(None,) * (x.ndim - 1))
+
+        match_notes = constrain(symbolic_rows(notes), "batch", None)
+        match_embeds = constrain(symbolic_rows(note_embeds), "batch", None, None)
+        match_kv = jax.tree.map(audio_rows, feature_kv)
         hidden = self.qformer.multimodal_pass(
             match_notes,
-            match_note_mask,
-            match_feats,
-            match_audio_mask,
+            symbolic_rows(note_key_mask),
+            None,
+            audio_rows(audio_mask),
+            note_embeds=match_embeds,
+            feature_kv=match_kv,
             dropout_rng=None if deterministic else match_key,
             **drop,
         )
@@ -253,10 +307,12 @@ class Stage1Model(nnx.Module):
         input_ids, labels = losses.itg_inputs(
             notes, leadsheet_mask, pad_mask, dec_token_id=self.cfg.dec_token_id
         )
-        logits = self.qformer.decoder_logits(
+        notes_out = self.qformer.decoder_hidden(
             input_ids, pad_mask, past_kv, dropout_rng=None if deterministic else gen_key, **drop
         )
-        loss_itg, per_field = losses.itg_loss(logits, labels, field_mean=field_mean)
+        # the last note predicts nothing: the head runs on notes 0..N-2 only (pre-shifted logits)
+        logits = self.qformer.lm_head(notes_out[:, :-1])
+        loss_itg, per_field = losses.itg_loss(logits, labels, field_mean=field_mean, shifted=True)
 
         total = loss_itc + loss_itm + loss_itg
         metrics = {

@@ -155,17 +155,20 @@ def itg_loss(
     field_mean: FieldMean = "valid",
     field_weights: tuple[float, ...] = ITG_FIELD_WEIGHTS,
     label_smoothing: float = LABEL_SMOOTHING,
+    shifted: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Weighted per-field LM loss (SPEC 3.4). Returns (loss, per-field losses (8,)).
 
     ``logits`` (B, 8N, C) of the note stream, ``labels`` (B, 8N) from :func:`itg_inputs`. The
     logits of note i (slot j) predict field j of note i+1. ``field_mean``: ``"valid"`` (default)
     divides each field's summed loss by its number of valid targets; ``"official"`` by all
-    B*(N-1) note slots as the released checkpoints were trained (SPEC 10.13).
+    B*(N-1) note slots as the released checkpoints were trained (SPEC 10.13). ``shifted``:
+    ``logits`` are (B, 8(N-1), C), those of notes 0..N-2 only (the last note's are never used,
+    so a caller can skip computing them).
     """
     if field_mean not in ("valid", "official"):
         raise ValueError(f"field_mean must be 'valid' or 'official', got {field_mean!r}")
-    shifted_logits = logits[:, :-NOTE_WIDTH]
+    shifted_logits = logits if shifted else logits[:, :-NOTE_WIDTH]
     targets = labels[:, NOTE_WIDTH:]
     per_token = cross_entropy(shifted_logits, targets, label_smoothing=label_smoothing)
     per_token = per_token.reshape(-1, NOTE_WIDTH)  # (B*(N-1), 8): column j = field j

@@ -24,7 +24,14 @@ The four call patterns of stage 1 are the public methods: :meth:`QFormer.audio_p
 ITC audio side; also returns the queries' self-attention keys/values per layer for ITG),
 :meth:`QFormer.symbolic_pass` (SPEC 3.1), :meth:`QFormer.multimodal_pass` (SPEC 3.3, ITM) and
 :meth:`QFormer.decoder_logits` (SPEC 3.4, ITG). Dropout (hidden and attention probabilities) is on
-only when ``deterministic=False`` and a ``dropout_rng`` key is given.
+only when ``deterministic=False`` and a ``dropout_rng`` key is given; attention (with its dropout,
+past keys/values and returned K/V) is the shared :class:`~bossa_jax.layers.Attention`. A caller
+that runs several patterns on the same rows (the stage-1 losses) can compute
+:meth:`QFormer.embed_notes` and :meth:`QFormer.project_features` once and pass them in.
+
+``cfg.symbolic_branch=False`` builds the stage-2 Q-Former (SPEC 4.1): word and position embeddings,
+downsampling, every layer's text FFN and the LM head are not built, and only
+:meth:`QFormer.audio_pass` is available.
 """
 
 from __future__ import annotations
@@ -34,15 +41,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bossa_jax.config import QFormerConfig
-from bossa_jax.layers import (
-    MLP,
-    Attention,
-    Dropout,
-    Embed,
-    LayerNorm,
-    Linear,
-    dot_product_attention,
-)
+from bossa_jax.layers import MLP, Attention, Dropout, Embed, LayerNorm, Linear
+from bossa_jax.layers.attention import KeyValue
 from bossa_jax.layers.linear import default_kernel_init
 from bossa_jax.layers.mlp import activation
 from bossa_jax.sharding import constrain
@@ -51,45 +51,13 @@ FIELDS_PER_NOTE = 8  # one octuple note = 8 ids (SPEC 5.2)
 SELF_ATTENTION_MASK_VALUE = -10000.0  # official get_extended_attention_mask (SPEC 2.2)
 ACTIVATION_AXES = ("batch", "length", "embed")
 
-KeyValue = tuple[jax.Array, jax.Array]  # projected keys, values: (B, L, heads, head_dim) each
 PastKeyValues = tuple[KeyValue, ...]  # one (k, v) per layer
+FeatureKeyValues = tuple[KeyValue | None, ...]  # per layer; None without cross-attention
 
 
-def _attend(
-    attn: Attention,
-    x: jax.Array,
-    kv_source: jax.Array,
-    *,
-    bias: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    past: KeyValue | None = None,
-    dropout: Dropout,
-    attention_dropout: float,
-) -> tuple[jax.Array, KeyValue]:
-    """Multi-head attention through ``attn``'s projections; returns (output, this call's (k, v)).
-
-    ``past`` keys/values are prepended (BLIP-2's cached query keys, SPEC 3.4). With dropout active
-    the probabilities are computed explicitly so they can be dropped (BERT's attention dropout).
-    """
-    batch, length = x.shape[:2]
-    q = attn.q_proj(x).reshape(batch, length, attn.num_heads, attn.head_dim)
-    k, v = attn.project_kv(kv_source)
-    own = (k, v)
-    if past is not None:
-        k = jnp.concatenate([past[0].astype(k.dtype), k], axis=1)
-        v = jnp.concatenate([past[1].astype(v.dtype), v], axis=1)
-    if dropout.active and attention_dropout > 0.0:
-        logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * attn.head_dim**-0.5
-        if bias is not None:
-            logits = logits + bias.astype(jnp.float32)
-        if mask is not None:
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        probs = dropout(jax.nn.softmax(logits, axis=-1), attention_dropout).astype(v.dtype)
-        out = jnp.einsum("bhts,bshd->bthd", probs, v)
-    else:
-        out = dot_product_attention(q, k, v, bias=bias, mask=mask)
-    out = attn.out_proj(out.reshape(batch, length, attn.num_heads * attn.head_dim))
-    return out, own
+def _first(feature_kv: FeatureKeyValues) -> jax.Array:
+    """The keys of the first cross-attention layer (for their batch size)."""
+    return next(kv for kv in feature_kv if kv is not None)[0]
 
 
 def key_mask_bias(key_mask: jax.Array) -> jax.Array:
@@ -141,8 +109,12 @@ class QFormerLayer(nnx.Module):
             self.cross_attn = None
             self.cross_attn_norm = None
         mlp = dict(act=cfg.hidden_act, dtype=dtype, rngs=rngs)
-        self.text_mlp = MLP(d, cfg.intermediate_size, **mlp)
-        self.text_norm = LayerNorm(d, eps=eps)
+        if cfg.symbolic_branch:
+            self.text_mlp = MLP(d, cfg.intermediate_size, **mlp)
+            self.text_norm = LayerNorm(d, eps=eps)
+        else:  # stage 2: the note stream's FFN is deleted (SPEC 4.1)
+            self.text_mlp = None
+            self.text_norm = None
         self.query_mlp = MLP(d, cfg.intermediate_size, **mlp)
         self.query_norm = LayerNorm(d, eps=eps)
 
@@ -152,38 +124,37 @@ class QFormerLayer(nnx.Module):
         *,
         query_length: int,
         self_bias: jax.Array | None,
-        features: jax.Array | None,
+        feature_kv: KeyValue | None,
         feature_mask: jax.Array | None,
         past: KeyValue | None,
         dropout: Dropout,
         hidden_dropout: float,
         attention_dropout: float,
     ) -> tuple[jax.Array, KeyValue]:
-        """x (B, L, D) with the first ``query_length`` positions being queries; returns the block
-        output and this layer's self-attention (k, v) of ``x`` (without ``past``)."""
-        attn_out, kv = _attend(
-            self.self_attn,
-            x,
+        """x (B, L, D) with the first ``query_length`` positions being queries; ``feature_kv`` the
+        cross-attention (k, v) of the audio features (:meth:`QFormer.project_features`); returns
+        the block output and this layer's self-attention (k, v) of ``x`` (without ``past``)."""
+        attn_out, kv = self.self_attn(
             x,
             bias=self_bias,
             past=past,
             dropout=dropout,
-            attention_dropout=attention_dropout,
+            dropout_rate=attention_dropout,
+            return_kv=True,
         )
         h = self.self_attn_norm(dropout(attn_out, hidden_dropout) + x)
         if query_length == 0:
             return self._ffn(self.text_mlp, self.text_norm, h, dropout, hidden_dropout), kv
         queries = h[:, :query_length]
         if self.cross_attn is not None:
-            if features is None:
+            if feature_kv is None:
                 raise ValueError("QFormer: queries in a cross-attention layer need audio features")
-            cross_out, _ = _attend(
-                self.cross_attn,
+            cross_out, _ = self.cross_attn(
                 queries,
-                features,
+                projected=feature_kv,
                 mask=feature_mask,
                 dropout=dropout,
-                attention_dropout=attention_dropout,
+                dropout_rate=attention_dropout,
             )
             queries = self.cross_attn_norm(dropout(cross_out, hidden_dropout) + queries)
         out = self._ffn(self.query_mlp, self.query_norm, queries, dropout, hidden_dropout)
@@ -235,21 +206,24 @@ class QFormer(nnx.Module):
         def word_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
             return default_kernel_init(key, shape, dtype).at[pad].set(0)  # torch padding_idx row
 
-        # 1238 rows divide no mesh axis: sharding.named_shardings leaves that dim replicated
-        self.word_embeddings = Embed(
-            cfg.vocab_size + 1,
-            d,
-            axes=("vocab", "embed"),
-            dtype=dtype,
-            embedding_init=word_init,
-            rngs=rngs,
-        )
-        self.downsampling = Linear(
-            FIELDS_PER_NOTE * d, d, axes=("mlp", "embed"), dtype=dtype, rngs=rngs
-        )
-        self.position_embeddings = Embed(
-            cfg.max_position_embeddings, d, axes=("length", "embed"), dtype=dtype, rngs=rngs
-        )
+        if cfg.symbolic_branch:
+            # 1238 rows divide no mesh axis: sharding.named_shardings leaves that dim replicated
+            self.word_embeddings = Embed(
+                cfg.vocab_size + 1,
+                d,
+                axes=("vocab", "embed"),
+                dtype=dtype,
+                embedding_init=word_init,
+                rngs=rngs,
+            )
+            self.downsampling = Linear(
+                FIELDS_PER_NOTE * d, d, axes=("mlp", "embed"), dtype=dtype, rngs=rngs
+            )
+            self.position_embeddings = Embed(
+                cfg.max_position_embeddings, d, axes=("length", "embed"), dtype=dtype, rngs=rngs
+            )
+        else:  # stage 2 keeps only the query branch (SPEC 4.1): audio_pass alone works
+            self.word_embeddings = self.downsampling = self.position_embeddings = None
         self.query_tokens = nnx.Param(
             default_kernel_init(rngs.params(), (1, cfg.num_query_tokens, d), jnp.float32),
             out_sharding=(None, "query", "embed"),
@@ -267,7 +241,7 @@ class QFormer(nnx.Module):
                 for i in range(cfg.num_hidden_layers)
             }
         )
-        self.lm_head = QFormerLMHead(cfg, dtype=dtype, rngs=rngs)
+        self.lm_head = QFormerLMHead(cfg, dtype=dtype, rngs=rngs) if cfg.symbolic_branch else None
 
     # -- embeddings --------------------------------------------------------------------------
 
@@ -282,6 +256,8 @@ class QFormer(nnx.Module):
                 f"QFormer: {n} notes exceed max_position_embeddings "
                 f"({self.cfg.max_position_embeddings})"
             )
+        if not self.cfg.symbolic_branch:
+            raise ValueError("QFormer: built without its symbolic branch (stage 2); no notes")
         words = self.word_embeddings(note_ids)
         # torch's padding_idx: the pad row is looked up but receives no gradient
         is_pad = (note_ids == self.cfg.pad_token_id)[..., None]
@@ -290,13 +266,20 @@ class QFormer(nnx.Module):
         return x + self.position_embeddings(jnp.arange(n))[None].astype(x.dtype)
 
     def _embed(
-        self, note_ids: jax.Array | None, with_queries: bool, batch: int, dropout: Dropout
+        self,
+        note_ids: jax.Array | None,
+        with_queries: bool,
+        batch: int,
+        dropout: Dropout,
+        note_embeds: jax.Array | None = None,
     ) -> jax.Array:
         parts = []
         if with_queries:
             queries = self.query_tokens[...]
             parts.append(jnp.broadcast_to(queries, (batch,) + queries.shape[1:]))
-        if note_ids is not None:
+        if note_embeds is not None:
+            parts.append(note_embeds)
+        elif note_ids is not None:
             parts.append(self.embed_notes(note_ids))
         dtype = parts[-1].dtype
         x = jnp.concatenate([p.astype(dtype) for p in parts], axis=1)
@@ -305,6 +288,16 @@ class QFormer(nnx.Module):
 
     # -- the layer stack ---------------------------------------------------------------------
 
+    def project_features(self, features: jax.Array) -> FeatureKeyValues:
+        """Audio features (B, S, encoder_width) -> per layer, the cross-attention (k, v), each
+        (B, S, heads, head_dim) (None in layers without cross-attention). The audio pass and
+        the matching pass see the same feature rows: projected once, gathered for the pairs."""
+        features = features.astype(self.query_tokens[...].dtype)
+        return tuple(
+            None if layer.cross_attn is None else layer.cross_attn.project_kv(features)
+            for layer in (self.layers[str(i)] for i in range(len(self.layers)))
+        )
+
     def _encode(
         self,
         x: jax.Array,
@@ -312,25 +305,26 @@ class QFormer(nnx.Module):
         query_length: int,
         self_bias: jax.Array | None,
         features: jax.Array | None = None,
+        feature_kv: FeatureKeyValues | None = None,
         feature_mask: jax.Array | None = None,
         past_kv: PastKeyValues | None = None,
         dropout: Dropout,
     ) -> tuple[jax.Array, PastKeyValues]:
-        if features is not None:
-            features = features.astype(x.dtype)
-            if feature_mask is not None:
-                feature_mask = feature_mask.astype(bool)[:, None, None, :]
+        if feature_kv is None and features is not None and query_length > 0:
+            feature_kv = self.project_features(features)
+        if feature_kv is not None and feature_mask is not None:
+            feature_mask = feature_mask.astype(bool)[:, None, None, :]
         if past_kv is not None and len(past_kv) != len(self.layers):
             raise ValueError(
                 f"QFormer: past_kv has {len(past_kv)} layers, the model {len(self.layers)}"
             )
 
-        def run_layer(layer, x, self_bias, features, feature_mask, past):
+        def run_layer(layer, x, self_bias, kv, feature_mask, past):
             return layer(
                 x,
                 query_length=query_length,
                 self_bias=self_bias,
-                features=features,
+                feature_kv=kv,
                 feature_mask=feature_mask,
                 past=past,
                 dropout=dropout,
@@ -343,7 +337,8 @@ class QFormer(nnx.Module):
         kvs = []
         for i in range(len(self.layers)):
             past = None if past_kv is None else past_kv[i]
-            x, kv = run_layer(self.layers[str(i)], x, self_bias, features, feature_mask, past)
+            layer_kv = None if feature_kv is None else feature_kv[i]
+            x, kv = run_layer(self.layers[str(i)], x, self_bias, layer_kv, feature_mask, past)
             x = constrain(x, *ACTIVATION_AXES)
             kvs.append(kv)
         return x, tuple(kvs)
@@ -352,25 +347,30 @@ class QFormer(nnx.Module):
 
     def audio_pass(
         self,
-        features: jax.Array,
+        features: jax.Array | None,
         feature_mask: jax.Array | None = None,
         *,
+        feature_kv: FeatureKeyValues | None = None,
         deterministic: bool = True,
         dropout_rng: jax.Array | None = None,
     ) -> tuple[jax.Array, PastKeyValues]:
         """Queries only, bidirectional among themselves, cross-attending to the valid audio steps
-        (SPEC 3.1). ``features`` (B, S, encoder_width), ``feature_mask`` (B, S) or None.
+        (SPEC 3.1). ``features`` (B, S, encoder_width), ``feature_mask`` (B, S) or None;
+        ``feature_kv``: :meth:`project_features` of them when the caller has it (then
+        ``features`` may be None).
 
         Returns ``query_out`` (B, Q, D) and, per layer, the queries' self-attention (k, v), each
         (B, Q, heads, head_dim): the ``past_key_values`` that :meth:`decoder_logits` reuses.
         """
         dropout = Dropout.stream(deterministic, dropout_rng, "QFormer")
-        x = self._embed(None, True, features.shape[0], dropout)
+        batch = (features if feature_kv is None else _first(feature_kv)).shape[0]
+        x = self._embed(None, True, batch, dropout)
         return self._encode(
             x,
             query_length=self.cfg.num_query_tokens,
             self_bias=None,
             features=features,
+            feature_kv=feature_kv,
             feature_mask=feature_mask,
             dropout=dropout,
         )
@@ -380,14 +380,16 @@ class QFormer(nnx.Module):
         note_ids: jax.Array,
         key_mask: jax.Array | None = None,
         *,
+        note_embeds: jax.Array | None = None,
         deterministic: bool = True,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
         """Notes only, no queries, no cross-attention, bidirectional (SPEC 3.1).
-        ``note_ids`` (B, 8N); ``key_mask`` (B, N), 0 = masked as key (lead sheet, pads).
+        ``note_ids`` (B, 8N); ``key_mask`` (B, N), 0 = masked as key (lead sheet, pads);
+        ``note_embeds``: :meth:`embed_notes` of ``note_ids`` when the caller has it.
         Returns hidden states (B, N, D)."""
         dropout = Dropout.stream(deterministic, dropout_rng, "QFormer")
-        x = self._embed(note_ids, False, note_ids.shape[0], dropout)
+        x = self._embed(note_ids, False, note_ids.shape[0], dropout, note_embeds)
         bias = None if key_mask is None else key_mask_bias(key_mask)
         hidden, _ = self._encode(x, query_length=0, self_bias=bias, dropout=dropout)
         return hidden
@@ -396,19 +398,23 @@ class QFormer(nnx.Module):
         self,
         note_ids: jax.Array,
         note_key_mask: jax.Array,
-        features: jax.Array,
+        features: jax.Array | None,
         feature_mask: jax.Array | None = None,
         *,
+        note_embeds: jax.Array | None = None,
+        feature_kv: FeatureKeyValues | None = None,
         deterministic: bool = True,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
         """[queries ; notes] in one bidirectional pass (SPEC 3.3, ITM): every position sees all
         queries and the notes with ``note_key_mask == 1``; queries cross-attend to ``features``.
+        ``note_embeds`` / ``feature_kv``: :meth:`embed_notes` of the ids / :meth:`project_features`
+        of the features when the caller has them (then ``features`` may be None).
         Returns hidden states (B, Q + N, D) (queries first)."""
         dropout = Dropout.stream(deterministic, dropout_rng, "QFormer")
         batch = note_ids.shape[0]
         q = self.cfg.num_query_tokens
-        x = self._embed(note_ids, True, batch, dropout)
+        x = self._embed(note_ids, True, batch, dropout, note_embeds)
         key_mask = jnp.concatenate(
             [jnp.ones((batch, q), note_key_mask.dtype), note_key_mask], axis=1
         )
@@ -417,6 +423,7 @@ class QFormer(nnx.Module):
             query_length=q,
             self_bias=key_mask_bias(key_mask),
             features=features,
+            feature_kv=feature_kv,
             feature_mask=feature_mask,
             dropout=dropout,
         )

@@ -34,9 +34,11 @@ from flax import nnx
 from bossa_jax import checkpoint, sharding
 from bossa_jax.config import Config
 from bossa_jax.data import pipeline as pl
-from bossa_jax.errors import CheckpointError, DataError
-from bossa_jax.models.bossa import Stage1Model, load_stage1
+from bossa_jax.errors import CheckpointError, ConfigError, DataError
+from bossa_jax.models.bossa import Stage1Model
 from bossa_jax.outputs import atomic_output
+from bossa_jax.train.checkpoint import TrainCheckpointer
+from bossa_jax.train.loop import CHECKPOINT_DIR
 from bossa_jax.train.step import abstract_like, cast_floating, replicated_key
 
 TOP_K = (1, 5)
@@ -91,31 +93,71 @@ def _similarity(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.A
     )
 
 
+# what decides the model a run trains besides its checkpoint (the frozen MusicGen and its dtype
+# come from these; the trainable weights from the checkpoint)
+MODEL_KEYS = (
+    "qformer",
+    "musicgen",
+    "stage1.audio_input",
+    "stage1.musicgen_checkpoint",
+    "stage1.random_musicgen",
+    "stage1.init_from",
+    "train.seed",
+    "train.compute_dtype",
+)
+
+
+def check_run_config(config: Config, run_config: str | os.PathLike) -> None:
+    """A ConfigError naming the first of :data:`MODEL_KEYS` where ``config`` differs from the
+    run's own ``config.yaml``: evaluating or exporting with it would rebuild another model."""
+    from bossa_jax.config import load_config
+
+    ours, theirs = config.to_dict(), load_config(run_config).to_dict()
+    for key in MODEL_KEYS:
+        a, b = ours, theirs
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        if a != b:
+            shown = "" if isinstance(a, dict) else f" ({a!r}, the run: {b!r})"
+            raise ConfigError(
+                f"config key '{key}': differs from the run's {run_config}{shown}; the model "
+                f"would not be the one the run trained: use --config {run_config}"
+            )
+
+
 def load_model(config: Config, path: str | os.PathLike) -> Stage1Model:
-    """A stage-1 model from ``path``: a training run folder (``<out_dir>`` or its
-    ``checkpoints/``; the latest step's trainable parameters, the rest built from ``config``) or a
-    stage-1 model checkpoint (``save_stage1`` / ``convert.bossa``)."""
+    """The stage-1 model to evaluate, built by :func:`bossa_jax.train.stage1.build_model` (the
+    constructor training uses, so the frozen MusicGen is the one the run trained with) from
+    ``path``: a training run folder (``<out_dir>`` or its ``checkpoints/``; the latest step's
+    trainable parameters restored on top; ``config`` must build the model the run's own
+    ``config.yaml`` builds, :func:`check_run_config`) or a stage-1 model checkpoint
+    (``save_stage1`` / ``convert.bossa``: read as ``stage1.init_from``)."""
+    from bossa_jax.train import stage1
+
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
-    if (path / "config.yaml").is_file() and not (path / "checkpoints").is_dir():
-        try:
-            if checkpoint.read_config(path).get("name") == "bossa_stage1":
-                return load_stage1(path)
-        except CheckpointError:
-            pass
-    run_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    from bossa_jax.train import stage1
-    from bossa_jax.train.checkpoint import TrainCheckpointer
-
+    run_dir = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+    is_model = run_dir == path and (path / checkpoint.CONFIG_FILE).is_file()
+    if is_model and checkpoint.read_config(path).get("name") == "bossa_stage1":
+        stage1_cfg = dataclasses.replace(config.stage1, init_from=str(path), qformer_init="")
+        config = dataclasses.replace(config, stage1=stage1_cfg)
+        run_dir = None
+    if run_dir is not None:
+        run_config = (run_dir.parent if run_dir.name == CHECKPOINT_DIR else run_dir) / "config.yaml"
+        if run_config.is_file():
+            check_run_config(config, run_config)
+    stage1.check_musicgen_source(config)
     mesh = sharding.make_mesh(config.mesh)
     with sharding.use_mesh(mesh, sharding.rules_of(config.mesh)):
         program = stage1.build_stage1_program(config, mesh)
+        if run_dir is None:
+            return program.model(program.state)
         ckpt = TrainCheckpointer(run_dir, keep=1, async_save=False)
         try:
             step = ckpt.latest_step()
             if step is None:
-                raise CheckpointError(f"{run_dir}: no training checkpoint in it")
+                raise CheckpointError(f"{path}: no training checkpoint and no stage-1 model in it")
             rng = replicated_key(0, mesh)
             state, _, _ = ckpt.restore(step, abstract_like(program.state), rng)
         finally:

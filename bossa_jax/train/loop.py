@@ -9,10 +9,16 @@ optimizer updates on global batches assembled from each process's local batches.
   plus one line), to ``<out_dir>/metrics.jsonl`` and to TensorBoard (``<out_dir>/tb``);
 * an eval pass every ``train.eval_every`` steps when ``eval_data`` is given;
 * a checkpoint every ``train.checkpoint_every`` steps and at the end (``<out_dir>/checkpoints``);
-* ``resume=True`` continues from the latest checkpoint with the same parameters, optimizer state,
-  rng and data-iterator position, so it matches an uninterrupted run exactly;
+* ``resume=True`` continues from the newest intact checkpoint with the same parameters, optimizer
+  state, rng and data-iterator position, so it matches an uninterrupted run exactly; a damaged
+  newer checkpoint is moved to ``<out_dir>/damaged-checkpoints`` with a warning; without any
+  checkpoint the run starts from step 0 and says so;
+* an ``out_dir`` that already holds checkpoints is refused unless ``resume`` or ``overwrite``
+  (which removes the run's own files: checkpoints, config.yaml, metrics.jsonl, tb/; nothing
+  else), so a re-run never silently keeps the old weights;
 * SIGTERM or SIGINT: finish the current step, write a checkpoint, return; the exit code is
-  ``EXIT_PREEMPTED`` (0) after SIGTERM, so schedulers see a clean stop, and 130 after SIGINT;
+  ``EXIT_PREEMPTED`` (0) after SIGTERM, so schedulers see a clean stop, and 130 after SIGINT
+  (a second Ctrl-C stops at once, after pending checkpoint writes finish);
 * a non-finite loss stops the run with a one-line :class:`~bossa_jax.errors.BossaError`; no
   checkpoint is written after the last step whose loss was checked finite;
 * the resolved config is written to ``<out_dir>/config.yaml``.
@@ -27,6 +33,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -41,9 +48,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from bossa_jax.config import Config
-from bossa_jax.errors import BossaError, ConfigError
+from bossa_jax.errors import BossaError, CheckpointError, ConfigError, interrupt_pending
 from bossa_jax.outputs import atomic_output
-from bossa_jax.sharding import batch_sharding, create_sharded, make_mesh, rules_of, use_mesh
+from bossa_jax.sharding import batch_sharding, make_mesh, rules_of, use_mesh
 from bossa_jax.train.checkpoint import TrainCheckpointer
 from bossa_jax.train.optim import lr_schedule, make_optimizer
 from bossa_jax.train.step import (
@@ -64,6 +71,10 @@ EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C): checkpoint written
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
+TENSORBOARD_DIR = "tb"
+DAMAGED_DIR = "damaged-checkpoints"
+# everything a run writes into its out_dir (and so everything --overwrite removes)
+RUN_ARTEFACTS = (CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, DAMAGED_DIR)
 
 
 class DataIterator(Protocol):
@@ -133,11 +144,88 @@ def gather_to_host(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def checkpoint_steps(out_dir: str | Path) -> list[int]:
+    """The committed checkpoint steps of the run in ``out_dir`` (orbax names each step's folder
+    by its number; temporary folders of unfinished writes are not counted)."""
+    folder = Path(out_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def check_run_dir(out_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuses to train into a folder that holds another run's checkpoints unless the user said
+    what to do with them (a one-line BossaError naming the folder and both flags)."""
+    if resume and overwrite:
+        raise BossaError("--resume and --overwrite exclude each other: give one")
+    steps = checkpoint_steps(out_dir)
+    if steps and not (resume or overwrite):
+        raise BossaError(
+            f"{out_dir} already holds a training run (checkpoints up to step {steps[-1]}); "
+            "pass --resume to continue it or --overwrite to replace it"
+        )
+
+
+def clear_run_dir(out_dir: Path) -> None:
+    """Removes the run's own files from ``out_dir`` (:data:`RUN_ARTEFACTS`), nothing else."""
+    for name in RUN_ARTEFACTS:
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def _set_aside(ckpt: TrainCheckpointer, step: int, out_dir: Path) -> Path:
+    """Moves a damaged checkpoint out of orbax's folder (kept for inspection, never deleted)."""
+    target = out_dir / DAMAGED_DIR / str(step)
+    n = 1
+    while target.exists():
+        target = out_dir / DAMAGED_DIR / f"{step}-{n}"
+        n += 1
+    if jax.process_index() == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(ckpt.directory / str(step)), str(target))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    ckpt.manager.reload()
+    return target
+
+
+def restore_newest_intact(
+    ckpt: TrainCheckpointer, abstract_state: Any, rng: jax.Array, out_dir: Path
+) -> tuple[int, Any, jax.Array, dict[str, Any] | None] | None:
+    """(step, state, rng, data state) of the newest checkpoint that restores, or None when there
+    is no checkpoint. Checkpoints newer than the one that restores are damaged: they are set aside
+    with a warning. When none restores nothing is moved (a config that no longer matches the run
+    fails every step alike) and the newest one's error is raised."""
+    steps = sorted(ckpt.all_steps(), reverse=True)
+    failed: list[tuple[int, CheckpointError]] = []
+    for step in steps:
+        try:
+            restored = ckpt.restore(step, abstract_state, rng)
+        except CheckpointError as err:
+            failed.append((step, err))
+            continue
+        for bad, err in failed:
+            moved = _set_aside(ckpt, bad, out_dir)
+            log.warning("checkpoint step %d is damaged, moved to %s (%s)", bad, moved, err)
+        return (step, *restored)
+    if failed:
+        raise CheckpointError(
+            f"no checkpoint in {ckpt.directory} restores (steps {steps}); the newest: "
+            f"{failed[0][1]}; check that the config is the run's, or start again with --overwrite"
+        )
+    return None
+
+
 class _StopSignals:
-    """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint first."""
+    """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint first; a second SIGINT
+    raises KeyboardInterrupt (the unwinding still waits for checkpoint writes in flight)."""
 
     def __init__(self) -> None:
-        self.received: str | None = None
+        # a Ctrl-C that Python dropped before the loop started (see errors.interrupt_pending)
+        self.received: str | None = "SIGINT" if interrupt_pending() else None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignals:
@@ -150,6 +238,8 @@ class _StopSignals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         del frame
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            raise KeyboardInterrupt
         self.received = self.received or signal.Signals(signum).name
 
     def __exit__(self, *exc: Any) -> None:
@@ -181,7 +271,7 @@ class MetricLogger:
 
         self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
         self.jsonl = open(out_dir / METRICS_FILE, "a")  # noqa: SIM115 - closed in close()
-        self.tb = SummaryWriter(str(out_dir / "tb"))
+        self.tb = SummaryWriter(str(out_dir / TENSORBOARD_DIR))
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -258,19 +348,19 @@ def train(
     eval_data: EvalFactory | None = None,
     eval_loss_fn: LossFn | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     mesh: Mesh | None = None,
     after_step: Callable[[int], None] | None = None,
-    init_fn: Callable[[nnx.Module], nnx.Module] | None = None,
 ) -> TrainResult:
     """Runs (or resumes) training as described in the module docstring.
 
-    ``model_fn`` builds the full model (frozen parts loaded); it runs once, sharded, under the
-    mesh. ``trainable`` is the one trainable filter. ``train_data(process_index, process_count)``
-    returns an iterator over this process's rows of each global batch (``global_batch_size /
-    process_count`` rows) with grain's ``get_state``/``set_state``. ``after_step(step)`` is a
-    hook for tests and profilers. ``init_fn(model) -> model`` runs on the sharded model before
-    the split (e.g. to write converted weights into it); it also runs when resuming, since frozen
-    parts are not in the training checkpoint.
+    ``model_fn()`` returns the full model created sharded under the active mesh (e.g. with
+    ``sharding.create_sharded``) with its frozen parts loaded; it runs once, also when resuming,
+    since frozen parts are not in the training checkpoint. ``trainable`` is the one trainable
+    filter. ``train_data(process_index, process_count)`` returns an iterator over this process's
+    rows of each global batch (``global_batch_size / process_count`` rows) with grain's
+    ``get_state``/``set_state``. ``after_step(step)`` is a hook for tests and profilers.
+    ``overwrite`` replaces a previous run in ``train.out_dir`` (see :func:`check_run_dir`).
     """
     cfg = config.train
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -279,17 +369,20 @@ def train(
     mesh = make_mesh(config.mesh) if mesh is None else mesh
     with use_mesh(mesh, rules_of(config.mesh)):
         check_batch_divides(cfg.global_batch_size, mesh)
+    check_run_dir(out_dir, resume=resume, overwrite=overwrite)
     if primary:
+        if overwrite:
+            clear_run_dir(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_config(config, out_dir)
+    if process_count > 1:
+        multihost_utils.sync_global_devices("run dir ready")
     compute_dtype = jnp.dtype(cfg.compute_dtype)
     schedule = lr_schedule(cfg.optim, cfg.total_steps)
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(use_mesh(mesh, rules_of(config.mesh)))
-        model = create_sharded(model_fn)
-        if init_fn is not None:
-            model = init_fn(model)
+        model = model_fn()
         tx = make_optimizer(cfg.optim, cfg.total_steps)
         program = build_program(model, trainable, loss_fn, tx, mesh, compute_dtype=compute_dtype)
         del model
@@ -299,12 +392,16 @@ def train(
         rng = replicated_key(cfg.seed, mesh)
         state = program.state
         start = 0
-        if resume and ckpt.latest_step() is not None:
-            start = ckpt.latest_step()
-            state, rng, data_state = ckpt.restore(start, abstract_like(state), rng)
+        restored = None
+        if resume:
+            restored = restore_newest_intact(ckpt, abstract_like(state), rng, out_dir)
+        if restored is not None:
+            start, state, rng, data_state = restored
             if data_state is not None:
                 data.set_state(data_state)
             log.info("resumed from %s/%d", ckpt.directory, start)
+        elif resume:
+            log.warning("--resume: no checkpoint in %s, starting from step 0", ckpt.directory)
         program.state = None  # the loop owns the (donated) state from here on
 
         local = next(data, None) if start < cfg.total_steps else None

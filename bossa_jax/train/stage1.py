@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -41,12 +42,19 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bossa_jax import checkpoint, sharding
-from bossa_jax.config import Config, QFormerConfig, Stage1Config
+from bossa_jax.config import Config, MusicgenConfig, QFormerConfig, Stage1Config
 from bossa_jax.data import feature_cache as fc
 from bossa_jax.data import pipeline as pl
 from bossa_jax.data import readers, synthetic
 from bossa_jax.errors import CheckpointError, ConfigError, DataError
-from bossa_jax.models.bossa import TRAINABLE, Stage1Model, load_stage1, stage1_loss_fn
+from bossa_jax.models.bossa import (
+    CHECKPOINT_KIND,
+    TRAINABLE,
+    Stage1Model,
+    load_stage1,
+    save_stage1,
+    stage1_loss_fn,
+)
 from bossa_jax.models.qformer import QFormer
 from bossa_jax.outputs import atomic_output
 from bossa_jax.train import loop
@@ -64,6 +72,7 @@ from bossa_jax.train.step import (
 log = logging.getLogger("bossa_jax.train")
 
 SYMBOLIC_KEYS = ("notes", "leadsheet_mask", "pad_mask")
+STAGE2_SYMBOLIC_KEYS = ("tokens", "control_mask", "pad_mask")
 SPLIT_FILE = "split.json"  # of a synthetic corpus
 
 
@@ -73,9 +82,19 @@ def audio_key(cfg: Stage1Config) -> str:
     return "codes" if cfg.audio_input == "codes" else "features"
 
 
-def model_keys(cfg: Stage1Config) -> tuple[str, ...]:
-    """The batch fields the step consumes (the pipeline's bookkeeping fields are dropped)."""
-    return (*SYMBOLIC_KEYS, "audio_mask", audio_key(cfg))
+def model_keys(cfg: Stage1Config, stage: int = 1) -> tuple[str, ...]:
+    """The batch fields the step of ``stage`` consumes (bookkeeping fields are dropped)."""
+    symbolic = SYMBOLIC_KEYS if stage == 1 else STAGE2_SYMBOLIC_KEYS
+    return (*symbolic, "audio_mask", audio_key(cfg))
+
+
+def frozen_musicgen_config(config: Config, compute: jnp.dtype) -> MusicgenConfig | None:
+    """MusicGen's config in codes mode (bf16 under a bf16 compute dtype: frozen, no fp32
+    master copy needed); None in features mode (no MusicGen in the step). Both stages."""
+    if config.stage1.audio_input != "codes":
+        return None
+    dtype = "bfloat16" if compute == jnp.bfloat16 else config.musicgen.dtype
+    return dataclasses.replace(config.musicgen, dtype=dtype)
 
 
 def model_fn(config: Config) -> Callable[[], Stage1Model]:
@@ -86,10 +105,7 @@ def model_fn(config: Config) -> Callable[[], Stage1Model]:
     computes in the compute dtype; its parameters are created fp32 (the master weights).
     """
     compute = jnp.dtype(config.train.compute_dtype)
-    musicgen = None
-    if config.stage1.audio_input == "codes":
-        dtype = "bfloat16" if compute == jnp.bfloat16 else config.musicgen.dtype
-        musicgen = dataclasses.replace(config.musicgen, dtype=dtype)
+    musicgen = frozen_musicgen_config(config, compute)
     qformer_dtype = None if compute == jnp.float32 else compute
 
     def build() -> Stage1Model:
@@ -100,9 +116,12 @@ def model_fn(config: Config) -> Callable[[], Stage1Model]:
     return build
 
 
-def write_params(target: nnx.Module, source: nnx.Module, where: str, *, skip: str = "") -> int:
+def write_params(
+    target: nnx.Module, source: nnx.Module, where: str, *, skip: str | Callable[[str], bool] = ""
+) -> int:
     """Copies every parameter of ``target`` from the one at the same path in ``source``, keeping
-    the target's sharding and dtype; paths under ``skip`` may be absent from ``source``. Returns
+    the target's sharding and dtype; paths under ``skip`` (a prefix, or a predicate on the dotted
+    path) may be absent from ``source``. Returns
     how many were written. A missing parameter or another shape is a one-line CheckpointError
     naming ``where`` (the checkpoint) and the parameter."""
     available = {p: v for p, v in nnx.iter_graph(source) if isinstance(v, nnx.Param)}
@@ -113,7 +132,7 @@ def write_params(target: nnx.Module, source: nnx.Module, where: str, *, skip: st
         key = ".".join(str(k) for k in path)
         value = available.get(path)
         if value is None:
-            if skip and key.startswith(skip):
+            if skip(key) if callable(skip) else skip and key.startswith(skip):
                 continue
             raise CheckpointError(f"{where}: no parameter '{key}' in the checkpoint")
         current, new = var[...], value[...]
@@ -141,13 +160,13 @@ def _load_qformer(path: Path) -> QFormer:
 
 
 def init_fn(config: Config) -> Callable[[Stage1Model], Stage1Model]:
-    """The stage-1 ``loop.train`` init hook: writes converted weights into the sharded model.
+    """Writes converted weights into the sharded stage-1 model (part of :func:`build_model`).
 
     ``stage1.init_from`` (a stage-1 checkpoint) fills the whole model (MusicGen too when the
     checkpoint has it); ``stage1.qformer_init`` (``python -m convert.musicbert``) fills the
     Q-Former, the heads keep their fresh init (SPEC 2.3); ``stage1.musicgen_checkpoint`` fills the
-    frozen MusicGen in codes mode. Without any MusicGen source in codes mode MusicGen stays
-    randomly initialised (fine for smoke runs; a warning says so).
+    frozen MusicGen in codes mode. Codes mode without any MusicGen source is a ConfigError unless
+    ``stage1.random_musicgen`` asks for random weights (smoke runs; a warning says so).
     """
     cfg = config.stage1
 
@@ -157,6 +176,7 @@ def init_fn(config: Config) -> Callable[[Stage1Model], Stage1Model]:
             path = _require_path(cfg.init_from, "init_from", "stage-1 checkpoint")
             with _host_loading():
                 source = load_stage1(path)
+            # MusicGen too when the checkpoint has it; without it, it must come from elsewhere
             write_params(model, source, str(path), skip="musicgen")
             musicgen_loaded = source.musicgen is not None
             log.info("initialised stage 1 from %s", path)
@@ -167,25 +187,58 @@ def init_fn(config: Config) -> Callable[[Stage1Model], Stage1Model]:
                 source = _load_qformer(path)
             write_params(model.qformer, source, str(path))
             log.info("initialised the Q-Former from %s", path)
-        if model.musicgen is not None:
-            if cfg.musicgen_checkpoint:
-                path = _require_path(
-                    cfg.musicgen_checkpoint, "musicgen_checkpoint", "converted MusicGen"
-                )
-                from bossa_jax.models.musicgen import load_musicgen
-
-                with _host_loading():
-                    source = load_musicgen(path, dtype=model.musicgen.cfg.dtype)
-                write_params(model.musicgen, source, str(path))
-                log.info("initialised MusicGen from %s", path)
-            elif not musicgen_loaded:
-                log.warning(
-                    "stage1.musicgen_checkpoint is not set: MusicGen is randomly initialised "
-                    "(fine for smoke runs only)"
-                )
+        init_musicgen(model.musicgen, cfg, musicgen_loaded)
         return model
 
     return init
+
+
+def _no_musicgen_error() -> ConfigError:
+    return ConfigError(
+        "config key 'stage1.musicgen_checkpoint': not set; codes mode runs the frozen MusicGen: "
+        "give a converted MusicGen (python -m convert.musicgen) or a stage-1 init_from that holds "
+        "one, or set stage1.random_musicgen=true for random weights (smoke runs only)"
+    )
+
+
+def check_musicgen_source(config: Config) -> None:
+    """Codes mode needs MusicGen weights or an explicit ``stage1.random_musicgen`` (checked
+    before any data is read; an ``init_from`` without MusicGen is caught when it is loaded)."""
+    cfg = config.stage1
+    if cfg.audio_input == "codes" and not (
+        cfg.musicgen_checkpoint or cfg.init_from or cfg.random_musicgen
+    ):
+        raise _no_musicgen_error()
+
+
+def build_model(config: Config) -> Stage1Model:
+    """The stage-1 model exactly as a run of ``config`` trains it: created sharded under the
+    active mesh (:func:`model_fn`), then filled from the configured checkpoints (:func:`init_fn`).
+    The one constructor of training, resume, retrieval evaluation and export (call inside
+    ``sharding.use_mesh``); trainable weights of a run are restored on top of it."""
+    return init_fn(config)(sharding.create_sharded(model_fn(config)))
+
+
+def init_musicgen(musicgen: nnx.Module | None, cfg: Stage1Config, loaded: bool) -> None:
+    """Codes mode: fills the frozen MusicGen from ``stage1.musicgen_checkpoint`` (both stages).
+    Without one (and ``loaded`` False: no checkpoint gave it) it stays random only when
+    ``stage1.random_musicgen`` says so, with a warning; otherwise a one-line ConfigError."""
+    if musicgen is None:
+        return
+    if cfg.musicgen_checkpoint:
+        path = _require_path(cfg.musicgen_checkpoint, "musicgen_checkpoint", "converted MusicGen")
+        from bossa_jax.models.musicgen import load_musicgen
+
+        with _host_loading():
+            source = load_musicgen(path, dtype=musicgen.cfg.dtype)
+        write_params(musicgen, source, str(path))
+        log.info("initialised MusicGen from %s", path)
+    elif not loaded:
+        if not cfg.random_musicgen:
+            raise _no_musicgen_error()
+        log.warning(
+            "stage1.random_musicgen: MusicGen is randomly initialised (fine for smoke runs only)"
+        )
 
 
 def make_loss_fn(cfg: Stage1Config, *, train: bool = True) -> LossFn:
@@ -202,9 +255,9 @@ def make_loss_fn(cfg: Stage1Config, *, train: bool = True) -> LossFn:
 
 
 def build_stage1_program(config: Config, mesh: Mesh) -> TrainProgram:
-    """Creates the stage-1 model sharded on ``mesh``, splits it by :data:`TRAINABLE` and builds
-    AdamW with the official schedule (call inside ``sharding.use_mesh``)."""
-    model = sharding.create_sharded(model_fn(config))
+    """Builds the stage-1 model on ``mesh`` (:func:`build_model`), splits it by :data:`TRAINABLE`
+    and builds AdamW with the official schedule (call inside ``sharding.use_mesh``)."""
+    model = build_model(config)
     tx = make_optimizer(config.train.optim, config.train.total_steps)
     return build_program(
         model,
@@ -313,17 +366,20 @@ def write_synthetic_corpus(root: str | Path, songs: int, bars: int) -> Path:
     return root
 
 
-def _require_path(value: str, key: str, what: str) -> Path:
+def _require_path(value: str, key: str, what: str, section: str = "stage1") -> Path:
     if not value:
-        raise ConfigError(f"config key 'stage1.{key}': not set; give the {what}")
+        raise ConfigError(f"config key '{section}.{key}': not set; give the {what}")
     path = Path(value)
     if not path.exists():
-        raise DataError(f"config key 'stage1.{key}': {path} not found ({what})")
+        raise DataError(f"config key '{section}.{key}': {path} not found ({what})")
     return path
 
 
-def _sources(cfg: Stage1Config) -> tuple[list[readers.SongSource], Path | None, Path]:
-    """(song sources, split file or None, codes store folder) of the configured dataset."""
+def _sources(
+    cfg: Stage1Config, need_codes: bool = True
+) -> tuple[list[readers.SongSource], Path | None, Path | None]:
+    """(song sources, split file or None, codes store folder or None when not ``need_codes``)
+    of the configured dataset."""
     if cfg.dataset == "synthetic":
         root = Path(cfg.data_dir) if cfg.data_dir else None
         if root is None:
@@ -342,6 +398,8 @@ def _sources(cfg: Stage1Config) -> tuple[list[readers.SongSource], Path | None, 
     split_file = None
     if cfg.split_file:
         split_file = _require_path(cfg.split_file, "split_file", "split file")
+    if not need_codes:
+        return sources, split_file, None
     codes = _require_path(cfg.codes_dir, "codes_dir", "per-song EnCodec codes store")
     return sources, split_file, codes
 
@@ -376,13 +434,31 @@ class Stage1Split:
     @property
     def usable(self) -> list[int]:
         """Example ids whose lead sheet fits the stage-1 sequence (SPEC 11.11)."""
-        return [e.example_id for e in self.index.examples if pl.fits_stage(e.window, 1)]
+        return self.usable_in(1)
+
+    def usable_in(self, stage: int) -> list[int]:
+        """Example ids whose lead sheet fits the sequence of ``stage`` (SPEC 11.11)."""
+        return [e.example_id for e in self.index.examples if pl.fits_stage(e.window, stage)]
+
+
+def check_fills_batch(
+    data: Stage1Split, global_batch: int, stage: int = 1, section: str = "train"
+) -> None:
+    """Evaluation needs one full global batch of usable windows: else a one-line DataError."""
+    n = len(data.usable_in(stage))
+    if n < global_batch:
+        raise DataError(
+            f"the {data.split} split has {n} usable windows, fewer than one global batch "
+            f"({global_batch}); set {section}.eval_every=0 or add songs"
+        )
 
 
 def load_split(config: Config, split: str) -> Stage1Split:
     """Reads the songs of ``split``, their codes, the window index and the audio source (features
     mode: the split's feature cache, built on first use)."""
     cfg = config.stage1
+    if config.audio.frontend == "mel":
+        return _load_mel_split(config, split)
     sources, split_file, codes_dir = _sources(cfg)
     records, _ = readers.read_songs(
         sources, split=split, split_file=split_file, require_audio=False, logger=log
@@ -399,26 +475,66 @@ def load_split(config: Config, split: str) -> Stage1Split:
     )
     if cfg.audio_input == "codes":
         return Stage1Split(split, index, pl.AudioSource(index, codes=codes))
-    if cfg.feature_cache_dir:
-        cache_root = Path(cfg.feature_cache_dir) / split
-    elif cfg.dataset == "synthetic":
-        cache_root = Path(cfg.data_dir) / f"features-{config.qformer.encoder_width}" / split
-    else:
-        raise ConfigError(
-            "config key 'stage1.feature_cache_dir': not set; audio_input=features needs a cache"
-        )
-    if (cache_root / fc.MANIFEST).is_file():
-        cache = fc.FeatureCache(cache_root)
-        if cache.dtype != np.dtype(fc.dtype_of(cfg.feature_dtype)):
-            raise ConfigError(
-                f"config key 'stage1.feature_dtype': {cfg.feature_dtype}, but the feature cache "
-                f"{cache_root} stores {cache.dtype}; set the key to match or use another folder"
-            )
-    else:
+    cache_root = _cache_root(config, split, f"features-{config.qformer.encoder_width}")
+    cache = _existing_cache(config, cache_root)
+    if cache is None:
         compute, compute_id = _feature_fn(config)
         cache = fc.build_feature_cache(
             cache_root, index.clips, codes.codes, compute, compute_id=compute_id,
             dtype=cfg.feature_dtype, progress=False,
+        )  # fmt: skip
+    return Stage1Split(split, index, pl.AudioSource(index, features=cache))
+
+
+def _cache_root(config: Config, split: str, synthetic_name: str) -> Path:
+    cfg = config.stage1
+    if cfg.feature_cache_dir:
+        return Path(cfg.feature_cache_dir) / split
+    if cfg.dataset == "synthetic":
+        return Path(cfg.data_dir) / synthetic_name / split
+    raise ConfigError(
+        "config key 'stage1.feature_cache_dir': not set; audio_input=features needs a cache"
+    )
+
+
+def _existing_cache(config: Config, cache_root: Path) -> fc.FeatureCache | None:
+    """The feature cache at ``cache_root`` if one is there (its dtype must be the config's)."""
+    if not (cache_root / fc.MANIFEST).is_file():
+        return None
+    cache = fc.FeatureCache(cache_root)
+    if cache.dtype != np.dtype(fc.dtype_of(config.stage1.feature_dtype)):
+        raise ConfigError(
+            f"config key 'stage1.feature_dtype': {config.stage1.feature_dtype}, but the feature "
+            f"cache {cache_root} stores {cache.dtype}; set the key to match or use another folder"
+        )
+    return cache
+
+
+def _load_mel_split(config: Config, split: str) -> Stage1Split:
+    """:func:`load_split` for ``audio.frontend=mel``: no codes store; the window index counts the
+    audio's 50 Hz frames and the feature cache holds log-mel frames of the same clips
+    (bossa_jax.mel), computed from the songs' audio files on first use."""
+    from bossa_jax import mel
+
+    cfg = config.stage1
+    sources, split_file, _ = _sources(cfg, need_codes=False)
+    records, _ = readers.read_songs(
+        sources, split=split, split_file=split_file, require_audio=True, logger=log
+    )
+    if not records:
+        raise DataError(f"no readable songs with audio in the {split!r} split of {cfg.data_dir}")
+    sample_rate = config.encodec.sampling_rate
+    frames = {r.id: mel.audio_frames(r.audio, sample_rate) for r in records}
+    index = pl.build_index(
+        records, frames, clamp=cfg.clamp_clips, clip_length=config.audio.clip_frames
+    )
+    cache_root = _cache_root(config, split, f"features-mel-{config.audio.n_mels}")
+    cache = _existing_cache(config, cache_root)
+    if cache is None:
+        audio_of = {r.id: r.audio for r in records}.__getitem__
+        cache = fc.build_clip_feature_cache(
+            cache_root, index.clips, mel.clips_fn(config, audio_of),
+            compute_id=mel.compute_id(config), dtype=cfg.feature_dtype, progress=False,
         )  # fmt: skip
     return Stage1Split(split, index, pl.AudioSource(index, features=cache))
 
@@ -451,12 +567,14 @@ def make_pipeline(
     *,
     train: bool = True,
     global_batch: int | None = None,
+    stage: int = 1,
 ) -> pl.Pipeline:
-    """This process's stage-1 pipeline over ``data``: training repeats forever with the run's
-    seed; evaluation reads one epoch with a fixed seed."""
+    """This process's pipeline of ``stage`` over ``data``: training repeats forever with the
+    run's seed; evaluation reads one epoch with a fixed seed. The global batch defaults to
+    ``config.train``'s (stage 2 passes a config whose ``train`` is ``stage2.train``)."""
     cfg = config.stage1
     options = pl.PipelineOptions(
-        stage=1,
+        stage=stage,
         global_batch_size=global_batch or config.train.global_batch_size,
         seed=config.train.seed if train else 0,
         num_epochs=None if train else 1,
@@ -471,54 +589,78 @@ def make_pipeline(
     return pl.Pipeline(data.index, data.audio, options)
 
 
-def train_data(config: Config, data: Stage1Split) -> loop.DataFactory:
-    keys = model_keys(config.stage1)
+def train_data(config: Config, data: Stage1Split, stage: int = 1) -> loop.DataFactory:
+    keys = model_keys(config.stage1, stage)
 
     def factory(process_index: int, process_count: int) -> ModelFields:
-        pipe = make_pipeline(config, data, process_index, process_count)
+        pipe = make_pipeline(config, data, process_index, process_count, stage=stage)
         return ModelFields(pipe.iterator(), keys)
 
     return factory
 
 
-def eval_data(config: Config, data: Stage1Split) -> loop.EvalFactory:
-    keys = model_keys(config.stage1)
+def eval_data(
+    config: Config, data: Stage1Split, stage: int = 1, eval_batches: int | None = None
+) -> loop.EvalFactory:
+    keys = model_keys(config.stage1, stage)
+    eval_batches = config.stage1.eval_batches if eval_batches is None else eval_batches
 
     def factory(process_index: int, process_count: int) -> Iterator[dict[str, np.ndarray]]:
-        pipe = make_pipeline(config, data, process_index, process_count, train=False)
-        batches = min(config.stage1.eval_batches, pipe.steps_per_epoch)
+        pipe = make_pipeline(config, data, process_index, process_count, train=False, stage=stage)
+        batches = min(eval_batches, pipe.steps_per_epoch)
         iterator = ModelFields(pipe.iterator(), keys)
         return (next(iterator) for _ in range(batches))
 
     return factory
 
 
+# --- export -------------------------------------------------------------------------------------
+def export(
+    config: Config, run_dir: str | Path, out: str | Path, *, overwrite: bool = False
+) -> Path:
+    """Writes the model of a stage-1 run (``config`` = the run's config; the latest checkpoint's
+    trainable weights on the model :func:`build_model` makes, so with the frozen MusicGen the run
+    trained with) as a stage-1 checkpoint (``save_stage1``: what ``stage1.init_from`` and stage 2
+    read; SPEC 7). ``out`` is checked before any work (bossa_jax.outputs; ``overwrite`` replaces
+    a previous stage-1 checkpoint there)."""
+    from bossa_jax.outputs import check_output
+    from bossa_jax.train import evaluate
+
+    if not loop.checkpoint_steps(run_dir):
+        raise CheckpointError(f"{run_dir}: not a stage-1 run (no checkpoints/ with a step in it)")
+    sources = [Path(run_dir) / loop.CHECKPOINT_DIR]
+    check_output(out, CHECKPOINT_KIND, folder=True, overwrite=overwrite, sources=sources)
+    model = evaluate.load_model(config, run_dir)
+    return save_stage1(out, model, overwrite=overwrite)
+
+
 # --- the run ------------------------------------------------------------------------------------
-def run(config: Config, *, resume: bool = False, mesh: Mesh | None = None) -> loop.TrainResult:
+def run(
+    config: Config, *, resume: bool = False, overwrite: bool = False, mesh: Mesh | None = None
+) -> loop.TrainResult:
     """Stage-1 training with the generic loop (logging, eval on the validation split, orbax
-    checkpoints, SIGTERM/SIGINT, non-finite stop: see :mod:`bossa_jax.train.loop`)."""
+    checkpoints, resume / overwrite, SIGTERM/SIGINT, non-finite stop: see
+    :mod:`bossa_jax.train.loop`)."""
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+    # everything that can be refused is refused before any data is read
     with sharding.use_mesh(mesh, sharding.rules_of(config.mesh)):
-        loop.check_batch_divides(config.train.global_batch_size, mesh)  # before reading any data
+        loop.check_batch_divides(config.train.global_batch_size, mesh)
+    loop.check_run_dir(config.train.out_dir, resume=resume, overwrite=overwrite)
+    check_musicgen_source(config)
     train_split = load_split(config, "train")
     evaluate = config.train.eval_every > 0 and config.stage1.eval_batches > 0
     validation = load_split(config, "validation") if evaluate else None
     if validation is not None:
-        n = len(validation.usable)
-        if n < config.train.global_batch_size:
-            raise DataError(
-                f"the validation split has {n} usable windows, fewer than one global batch "
-                f"({config.train.global_batch_size}); set train.eval_every=0 or add songs"
-            )
+        check_fills_batch(validation, config.train.global_batch_size)
     return loop.train(
         config,
-        model_fn=model_fn(config),
+        model_fn=functools.partial(build_model, config),
         trainable=TRAINABLE,
         loss_fn=make_loss_fn(config.stage1),
         train_data=train_data(config, train_split),
         eval_data=eval_data(config, validation) if validation is not None else None,
         eval_loss_fn=make_loss_fn(config.stage1, train=False),
         resume=resume,
+        overwrite=overwrite,
         mesh=mesh,
-        init_fn=init_fn(config),
     )

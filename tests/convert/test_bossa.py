@@ -168,8 +168,12 @@ def test_cli_round_trip(official, tmp_path, capsys):
     assert restored.keys() == direct.keys()
     for key in direct:
         np.testing.assert_array_equal(restored[key], direct[key])
-    with pytest.raises(UsageError, match="--stage: invalid choice: 2"):  # one line, exit 2
-        main([str(source), str(out / "x"), "--stage", "2"])
+    with pytest.raises(UsageError, match="--stage: invalid choice: 3"):  # one line, exit 2
+        main([str(source), str(out / "x"), "--stage", "3"])
+    # a stage-1 file is not a stage-2 one: the missing stage-2 keys are named, nothing written
+    with pytest.raises(CheckpointError, match=r"missing keys \['blip2qformer\."):
+        main([str(source), str(out / "x"), "--stage", "2", "--config", "tiny", *OVERRIDES])
+    assert not (out / "x").exists()
 
 
 def test_projection_width_comes_from_the_checkpoint(official):

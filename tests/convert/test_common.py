@@ -81,6 +81,12 @@ def count_safetensors_reads(monkeypatch) -> tuple[list, list[str]]:
         def __getattr__(self, name):
             return getattr(self.handle, name)
 
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
         def get_tensor(self, key):
             reads.append(key)
             return self.handle.get_tensor(key)

@@ -15,7 +15,7 @@ from bossa_jax import sharding
 from bossa_jax.config import MeshConfig
 from bossa_jax.data import feature_cache as fc
 from bossa_jax.data import pipeline as pl
-from bossa_jax.data import synthetic
+from bossa_jax.data import readers, synthetic
 from bossa_jax.errors import DataError
 from bossa_jax.symbolic import octuple, remi, segment
 from tests.data.data_fixtures import load_index, make_pipeline, write_corpus
@@ -59,6 +59,19 @@ def test_stage1_batch_contents_match_symbolic_layer(corpus):
         start = window.clip_start
         np.testing.assert_array_equal(batch["codes"][row], song[:, start : start + 508])
         assert 0 <= start <= song.shape[1] - 508  # clamped into the song (SPEC 10.12)
+
+
+def test_codes_follow_the_index_clip_length(corpus):
+    """``audio.clip_frames`` other than 508 reaches the codes batches: (B, 4, L) and (B, L + 4)."""
+    records, _ = readers.read_songs(readers.pop909_sources(corpus / "pop909", corpus / "audio"))
+    codes = fc.CodesStore(corpus / "codes")
+    index = pl.build_index(records, codes, clip_length=100)
+    audio = pl.AudioSource(index, codes=codes).read_batch([0, 1])
+    assert audio["codes"].shape == (2, 4, 100) and audio["audio_mask"].shape == (2, 104)
+    for row, example in enumerate(index.examples[:2]):
+        start = example.window.clip_start
+        song = codes.codes(index.song_id(example.example_id))
+        np.testing.assert_array_equal(audio["codes"][row], song[:, start : start + 100])
 
 
 def test_stage2_batch_contents_and_cached_features(corpus, tmp_path):

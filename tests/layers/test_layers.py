@@ -9,6 +9,7 @@ from flax import nnx
 from bossa_jax.layers import (
     MLP,
     Attention,
+    Dropout,
     KVCache,
     LayerNorm,
     Linear,
@@ -145,6 +146,36 @@ def test_cross_attention_and_past_keys():
     past = self_attn.project_kv(both[:, :2])
     tail, _ = self_attn(both[:, 2:], past=past)
     np.testing.assert_allclose(np.asarray(tail), np.asarray(full[:, 2:]), atol=1e-5)
+    # return_kv: this call's own projections (without the past), as a later call's past
+    _, own = self_attn(both[:, 2:], past=past, return_kv=True)
+    for got, want in zip(own, self_attn.project_kv(both[:, 2:])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
+def test_attention_dropout_drops_probabilities():
+    """Attention dropout (the Q-Former's BERT attention) on torch's eager formula: softmax of the
+    masked logits, times the dropout keep pattern / (1 - rate), times v."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, 3, 4)) for i in range(3))
+    key_mask = np.ones((2, 1, 1, 5), bool)
+    key_mask[1, ..., 3:] = False
+    bias = jax.random.normal(jax.random.key(9), (2, 1, 5, 5))
+    rate, key = 0.3, jax.random.key(7)
+    got = dot_product_attention(
+        q, k, v, mask=key_mask, bias=bias, dropout=Dropout(key), dropout_rate=rate
+    )
+    kept = Dropout(key)(jnp.ones((2, 3, 5, 5)), rate)  # the same first draw of the stream
+    assert 0 < float(jnp.mean(kept == 0)) < 1
+    scores = torch.from_numpy(np.einsum("bthd,bshd->bhts", q, k) / 2.0 + np.asarray(bias))
+    scores = scores.masked_fill(~torch.from_numpy(key_mask), torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, -1) * torch.from_numpy(np.array(kept))
+    want = torch.einsum("bhts,bshd->bthd", probs, torch.from_numpy(np.array(v)))
+    np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=1e-5)
+    # without a key or at rate 0 it is the fused path
+    plain = dot_product_attention(q, k, v, mask=key_mask, bias=bias)
+    for off in (Dropout(None), Dropout(key)):
+        out = dot_product_attention(q, k, v, mask=key_mask, bias=bias, dropout=off,
+                                    dropout_rate=0.0 if off.active else rate)  # fmt: skip
+        np.testing.assert_allclose(np.asarray(out), np.asarray(plain), atol=1e-6)
 
 
 def test_mlp_matches_torch_gelu():
@@ -172,3 +203,27 @@ def test_causal_blocks_equal_full_causal_attention():
         np.asarray(full),
         atol=1e-5,
     )
+
+
+def test_dropout_keep_mask_rate_and_sharding_independence():
+    """keep_mask hashes element pairs (two words per threefry call): right keep rate for an odd
+    last dim, a function of the key, and the same pattern when computed sharded on 8 devices."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from bossa_jax.layers.dropout import keep_mask
+
+    shape = (8, 40, 1001)
+    key = jax.random.key(3)
+    mask = np.asarray(jax.jit(keep_mask, static_argnums=(1, 2))(key, 0.9, shape))
+    assert mask.shape == shape and mask.dtype == bool
+    assert abs(mask.mean() - 0.9) < 0.005
+    assert abs(mask[..., -1].mean() - 0.9) < 0.08  # the unpaired last column is random too
+    other = np.asarray(keep_mask(jax.random.key(4), 0.9, shape))
+    assert (mask != other).mean() > 0.1
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    sharded = jax.jit(
+        keep_mask,
+        static_argnums=(1, 2),
+        out_shardings=NamedSharding(mesh, PartitionSpec("data")),
+    )(key, 0.9, shape)
+    np.testing.assert_array_equal(np.asarray(sharded), mask)

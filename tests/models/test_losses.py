@@ -140,6 +140,15 @@ def test_itg_loss_matches_torch(field_mean):
     want, want_fields = ref.itg(_t(logits), labels, field_mean)
     np.testing.assert_allclose(np.asarray(got_fields), want_fields.numpy(), atol=TOL, rtol=0)
     np.testing.assert_allclose(float(got), want.item(), atol=TOL, rtol=0)
+    # the head may skip the last note: pre-shifted logits (notes 0..N-2) give the same loss
+    pre, pre_fields = losses.itg_loss(
+        jnp.asarray(logits[:, :-8]),
+        jnp.asarray(labels.numpy()),
+        field_mean=field_mean,
+        shifted=True,
+    )
+    np.testing.assert_allclose(np.asarray(pre_fields), want_fields.numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(float(pre), want.item(), atol=TOL, rtol=0)
 
 
 def test_itg_official_and_valid_differ_by_the_valid_fraction():

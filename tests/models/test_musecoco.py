@@ -46,15 +46,7 @@ PRODUCTS = [
 def reference(product: str = "torch", seed: int = 0) -> MuseCocoLM:
     """The torch model with random weights, LoRA B non-zero, in eval mode."""
     torch.manual_seed(seed)
-    model = MuseCocoLM(
-        vocab=CFG.vocab_size,
-        d=CFG.hidden_size,
-        heads=CFG.num_attention_heads,
-        layers=CFG.num_hidden_layers,
-        ffn=CFG.ffn_dim,
-        rank=CFG.lora_rank,
-        product=product,
-    )
+    model = MuseCocoLM.from_config(CFG, product)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name or name.endswith("bias") or "layer_norm" in name:

@@ -173,6 +173,19 @@ class MuseCocoLM(nn.Module):
         )
         self.lm_head = nn.Linear(d, vocab, bias=False)
 
+    @classmethod
+    def from_config(cls, cfg, product: str = "torch") -> MuseCocoLM:
+        """The sizes of a ``bossa_jax.config.MuseCocoConfig``."""
+        return cls(
+            vocab=cfg.vocab_size,
+            d=cfg.hidden_size,
+            heads=cfg.num_attention_heads,
+            layers=cfg.num_hidden_layers,
+            ffn=cfg.ffn_dim,
+            rank=cfg.lora_rank,
+            product=product,
+        )
+
     def forward(self, tokens, pad_mask, prefix=None, pos_start: int = 0) -> torch.Tensor:
         """Logits (B, P + L, vocab): [prefix ; encode_input_ids(tokens)], mask [False x P ; pad]."""
         x = self.decoder.encode_input_ids(tokens, pos_start)

@@ -1,19 +1,24 @@
 """Retrieval evaluation (bossa_jax/train/evaluate.py): the metrics on hand-computed similarity
-matrices, and the end-to-end path on a tiny model + synthetic corpus checked against a direct
-computation with the positives on the diagonal."""
+matrices, the end-to-end path on a tiny model + synthetic corpus checked against a direct
+computation with the positives on the diagonal, and a codes-mode run with a converted MusicGen:
+evaluation uses exactly the model the run trained (a random MusicGen gives other scores), codes
+mode without MusicGen is refused, and ``export`` -> ``stage1.init_from`` gives the same weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+from bossa_jax import sharding
 from bossa_jax.config import load_config
-from bossa_jax.errors import DataError
+from bossa_jax.errors import ConfigError, DataError, OutputError
 from bossa_jax.train import evaluate, stage1
 
 
@@ -115,3 +120,155 @@ def test_too_few_test_windows_is_one_line(tiny):
     _, data, model = tiny
     with pytest.raises(DataError, match="fewer than --pairs 128"):
         evaluate.evaluate_retrieval(model, data, evaluate.RetrievalOptions(pairs=128))
+
+
+# --- codes mode: the model the run trained, with its converted MusicGen (issue 8 item 1) --------
+def _numpy_state(hf) -> dict[str, np.ndarray]:
+    return {k: v.numpy().copy() for k, v in hf.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def codes_run(tmp_path_factory):
+    """A 2-step codes-mode run whose frozen MusicGen is a tiny HF MusicGen converted by
+    convert.musicgen (random, and different from the seed-built random MusicGen)."""
+    import torch
+    from transformers import MusicgenForConditionalGeneration
+
+    from bossa_jax.models.musicgen import save_musicgen
+    from convert.musicgen import convert_musicgen
+    from tests.models.test_musicgen import hf_configs, randomize
+
+    tmp = tmp_path_factory.mktemp("codes_run")
+    torch.manual_seed(4)
+    hf = MusicgenForConditionalGeneration(hf_configs(2)).eval()
+    randomize(hf, seed=4)
+    converted = convert_musicgen(_numpy_state(hf), keep_layers=1, hf_config=hf.config.to_dict())
+    save_musicgen(tmp / "musicgen", converted)
+    cfg = load_config(
+        "tiny",
+        [
+            f"stage1.data_dir={tmp / 'corpus'}",
+            "stage1.synthetic_songs=5",  # 1 test song: 6 windows
+            f"stage1.musicgen_checkpoint={tmp / 'musicgen'}",
+            "stage1.random_musicgen=false",
+            f"train.out_dir={tmp / 'run'}",
+            "train.total_steps=2",
+            "train.optim.warmup_steps=1",
+            "train.eval_every=0",
+            "train.log_every=1",
+            "musicgen.keep_layers=1",
+            "qformer.num_hidden_layers=2",
+        ],
+    )
+    result = stage1.run(cfg)
+    assert result.step == 2
+    return cfg, result, tmp
+
+
+def _trained_model(cfg, result, musicgen_path=None):
+    """The model the run trained, put together here: fresh model, the converted MusicGen read
+    directly from its checkpoint (None: the seeded random one eval used to build), the trainable
+    weights the loop returned."""
+    from bossa_jax.models.musicgen import load_musicgen
+
+    model = stage1.model_fn(cfg)()
+    if musicgen_path is not None:
+        nnx.update(model.musicgen, nnx.state(load_musicgen(musicgen_path), nnx.Param))
+    nnx.update(model, jax.device_get(result.state.params))
+    return model
+
+
+def _round_similarities(model, data, report):
+    graphdef, state = nnx.split(model)
+    sims = []
+    for r in report["per_round"]:
+        batch = evaluate.round_batch(data, r["example_ids"], None, deperf=True)
+        sims.append(np.asarray(evaluate._similarity(graphdef, state, batch, "float32")))
+    return sims
+
+
+def test_eval_of_a_codes_run_uses_the_musicgen_it_trained_with(codes_run):
+    cfg, result, tmp = codes_run
+    data = stage1.load_split(cfg, "test")
+    options = evaluate.RetrievalOptions(pairs=5, rounds=3, seed=2)
+    direct = _trained_model(cfg, result, tmp / "musicgen")
+    expected = evaluate.evaluate_retrieval(direct, data, options)
+    evaluated = evaluate.load_model(cfg, tmp / "run")
+    got = evaluate.evaluate_retrieval(evaluated, data, options)
+    assert got["per_round"] == expected["per_round"]  # same draws, same ranks, same metrics
+    for a, b in zip(
+        _round_similarities(evaluated, data, got), _round_similarities(direct, data, got)
+    ):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    # the run's weights with the seed's random MusicGen (what eval used to build) score otherwise
+    shuffled = _trained_model(cfg, result)
+    sims_random = _round_similarities(shuffled, data, got)
+    sims_trained = _round_similarities(evaluated, data, got)
+    # (two steps from its init the Q-Former barely looks at the audio, so the scores move a little,
+    # yet far beyond the 1e-6 to which the same model reproduces them)
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(sims_random, sims_trained)) > 2e-5
+    # and a config that would build another MusicGen than the run's is refused, naming the key
+    random_cfg = dataclasses.replace(
+        cfg,
+        stage1=dataclasses.replace(cfg.stage1, musicgen_checkpoint="", random_musicgen=True),
+    )
+    with pytest.raises(ConfigError) as err:
+        evaluate.load_model(random_cfg, tmp / "run")
+    message = str(err.value)
+    assert "stage1.musicgen_checkpoint" in message and "config.yaml" in message
+    assert "\n" not in message
+
+
+def test_codes_mode_without_musicgen_is_refused(codes_run):
+    cfg, _, tmp = codes_run
+    no_musicgen = dataclasses.replace(
+        cfg, stage1=dataclasses.replace(cfg.stage1, musicgen_checkpoint="", random_musicgen=False)
+    )
+    for refuse in (
+        stage1.check_musicgen_source,  # before any data is read (stage1.run)
+        # and in the one builder's init step (on an abstract model: it refuses before any write)
+        lambda c: stage1.init_fn(c)(nnx.eval_shape(stage1.model_fn(c))),
+    ):
+        with pytest.raises(ConfigError) as err:
+            refuse(no_musicgen)
+        message = str(err.value)
+        assert "stage1.musicgen_checkpoint" in message and "random_musicgen" in message
+        assert "\n" not in message
+
+
+def test_export_round_trips_through_init_from(codes_run):
+    cfg, _, tmp = codes_run
+    out = stage1.export(cfg, tmp / "run", tmp / "exported")
+    run_model = evaluate.load_model(cfg, tmp / "run")
+    # a new run started from the export: no MusicGen source but the exported checkpoint
+    from_export = dataclasses.replace(
+        cfg,
+        stage1=dataclasses.replace(
+            cfg.stage1, init_from=str(out), musicgen_checkpoint="", random_musicgen=False
+        ),
+    )
+    mesh = sharding.make_mesh(cfg.mesh)
+    with sharding.use_mesh(mesh, sharding.rules_of(cfg.mesh)):
+        started = stage1.build_model(from_export)
+    expected = {
+        p: np.asarray(v[...]) for p, v in nnx.iter_graph(run_model) if isinstance(v, nnx.Param)
+    }
+    got = {p: np.asarray(v[...]) for p, v in nnx.iter_graph(started) if isinstance(v, nnx.Param)}
+    assert got.keys() == expected.keys() and any(p[0] == "musicgen" for p in got)
+    for path, value in expected.items():
+        np.testing.assert_array_equal(got[path], value, err_msg=str(path))
+    with pytest.raises(OutputError, match="--overwrite"):  # checked before any work
+        stage1.export(cfg, tmp / "run", out)
+
+
+def test_a_damaged_stage1_checkpoint_reports_its_own_error(tmp_path):
+    from bossa_jax.errors import CheckpointError
+    from bossa_jax.models.bossa import Stage1Model, save_stage1
+
+    cfg = load_config("tiny", ["stage1.audio_input=features", "qformer.num_hidden_layers=2"])
+    save_stage1(tmp_path / "s1", Stage1Model(cfg.qformer, None, rngs=nnx.Rngs(0)))
+    shutil.rmtree(tmp_path / "s1" / "params")
+    with pytest.raises(CheckpointError) as err:
+        evaluate.load_model(cfg, tmp_path / "s1")
+    message = str(err.value)  # the loader's own error, not "no training checkpoint"
+    assert "no params/" in message and "\n" not in message

@@ -1,9 +1,13 @@
 """The training loop on the toy task: outputs, exact resume after SIGKILL, SIGTERM -> checkpoint
-and exit 0, non-finite loss, a mesh that does not divide the batch."""
+and exit 0, non-finite loss, a mesh that does not divide the batch, and re-runs into a run folder
+(refused without --resume / --overwrite; --overwrite keeps user files; --resume falls back past a
+damaged checkpoint)."""
 
 import json
+import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +22,7 @@ from flax import nnx
 from bossa_jax.errors import BossaError, ConfigError
 from bossa_jax.train.checkpoint import TrainCheckpointer
 from bossa_jax.train.step import abstract_like, trainable_filter
+from tests.train.run_files import damage_checkpoint, snapshot
 from tests.train.toy import (
     FROZEN,
     flat_params,
@@ -159,3 +164,82 @@ def test_mesh_that_does_not_divide_the_batch_names_the_key(tmp_path):
         run_toy(cfg)
     message = str(err.value)
     assert "train.global_batch_size" in message and "\n" not in message
+
+
+# --- re-runs: --resume / --overwrite (issue 7 item 2) -------------------------------------------
+
+
+def _copy_run(reference, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    return out
+
+
+def test_rerun_into_a_finished_run_is_refused_and_changes_nothing(reference, tmp_path):
+    out = _copy_run(reference, tmp_path)
+    before = snapshot(out)
+    with pytest.raises(BossaError) as err:
+        run_toy(toy_config(str(out)))
+    message = str(err.value)
+    assert "\n" not in message and str(out) in message
+    assert "--resume" in message and "--overwrite" in message
+    assert snapshot(out) == before
+
+
+def test_overwrite_replaces_the_run_and_keeps_user_files(reference, tmp_path):
+    out = _copy_run(reference, tmp_path)
+    (out / "notes.txt").write_text("mine")
+    (out / "analysis").mkdir()
+    (out / "analysis" / "plot.txt").write_text("mine too")
+    old_events = set((out / "tb").iterdir())
+    cfg = toy_config(str(out), ["train.total_steps=6", "train.checkpoint_every=3"])
+    result = run_toy(cfg, overwrite=True)
+    assert result.step == 6
+    ckpt = TrainCheckpointer(out / "checkpoints", keep=3)
+    assert ckpt.all_steps() == [3, 6]  # the old run's 6, 9 and 12 are gone, not kept
+    ckpt.close()
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert not old_events & set((out / "tb").iterdir())
+    assert "total_steps: 6" in (out / "config.yaml").read_text()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "analysis" / "plot.txt").read_text() == "mine too"
+
+
+def test_resume_without_a_checkpoint_says_it_starts_at_zero(tmp_path, caplog):
+    cfg = toy_config(str(tmp_path), ["train.total_steps=2", "train.optim.warmup_steps=1"])
+    with caplog.at_level(logging.WARNING, logger="bossa_jax.train"):
+        result = run_toy(cfg, resume=True)
+    assert result.step == 2
+    lines = [r.getMessage() for r in caplog.records if "starting from step 0" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(reference, tmp_path, caplog):
+    _, _, expected = reference
+    out = _copy_run(reference, tmp_path)
+    damage_checkpoint(out / "checkpoints" / "12")
+    with caplog.at_level(logging.WARNING, logger="bossa_jax.train"):
+        result = run_toy(toy_config(str(out)), resume=True)
+    damaged = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(damaged) == 1 and "step 12" in damaged[0]
+    assert (out / "damaged-checkpoints" / "12").is_dir()  # set aside, not deleted
+    assert result.step == TOTAL  # resumed from step 9: the same weights as the uninterrupted run
+    got = flat_params(result.state.params)
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-6, err_msg=key)
+    ckpt = TrainCheckpointer(out / "checkpoints", keep=3)
+    assert ckpt.all_steps() == [6, 9, 12]
+    ckpt.restore(12, abstract_like(result.state), jax.random.key(0))  # rewritten, intact
+    ckpt.close()
+
+
+def test_resume_with_every_checkpoint_damaged_is_one_line(reference, tmp_path):
+    out = _copy_run(reference, tmp_path)
+    for step in (6, 9, 12):
+        damage_checkpoint(out / "checkpoints" / str(step))
+    with pytest.raises(BossaError) as err:
+        run_toy(toy_config(str(out)), resume=True)
+    message = str(err.value)
+    assert "\n" not in message and "restores" in message and "--overwrite" in message
+    assert not (out / "damaged-checkpoints").exists()  # nothing known good to compare with: kept

@@ -118,6 +118,7 @@ def toy_config(out_dir: str, overrides: list[str] = ()):
 def run_toy(cfg, *, resume: bool = False, nan_at: int | None = None, after_step=None, **kw):
     """Trains the toy model with the real loop; ``nan_at`` poisons the batch of that 0-based
     step (its first sample in epoch 0)."""
+    from bossa_jax.sharding import create_sharded
     from bossa_jax.train import loop
     from bossa_jax.train.step import trainable_filter
 
@@ -131,7 +132,7 @@ def run_toy(cfg, *, resume: bool = False, nan_at: int | None = None, after_step=
 
     return loop.train(
         cfg,
-        model_fn=make_model,
+        model_fn=lambda: create_sharded(make_model),
         trainable=trainable_filter(*FROZEN),
         loss_fn=toy_loss,
         train_data=data,
