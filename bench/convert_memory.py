@@ -8,11 +8,13 @@ dtype kept) and reads that child's peak resident set size (``ru_maxrss``). Print
 ratio to the file size and writes bench/results/convert_memory.json.
 
 Usage: .venv/bin/python bench/convert_memory.py [--workdir /tmp/musecoco-mem] [--keep]
+[--layers 6] (a smaller variant for iterating; the issue's figure is the default 24 layers)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def write_checkpoint(path: Path) -> int:
+def write_checkpoint(path: Path, layers: int | None = None) -> int:
     """Random bf16 tensors of the paper shapes, in the HF-port layout (one tensor at a time in
     numpy, then one safetensors write)."""
     import ml_dtypes
@@ -42,6 +44,8 @@ def write_checkpoint(path: Path) -> int:
     from convert.musecoco import BLOCK_TABLE, IGNORED, LAYER, TOP_TABLE
 
     cfg = MuseCocoConfig(lora=False, dtype="bfloat16")
+    if layers is not None:  # a smaller variant for iterating on the converter
+        cfg = dataclasses.replace(cfg, num_hidden_layers=layers)
     abstract = nnx.eval_shape(lambda: MuseCoco(cfg, rngs=nnx.Rngs(0)))
     shapes = {name: var.shape for name, var in param_paths(abstract).items()}
     rng = np.random.default_rng(0)
@@ -64,6 +68,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="/tmp/musecoco-mem")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic file and output")
+    parser.add_argument(
+        "--layers", type=int, default=None, help="fewer layers than the paper's 24 (iteration)"
+    )
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -71,7 +78,7 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     if not src.exists():
         print("writing the synthetic checkpoint ...", flush=True)
-        write_checkpoint(src)
+        write_checkpoint(src, args.layers)
     size = src.stat().st_size
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     start = time.perf_counter()
@@ -89,10 +96,11 @@ def main() -> None:
         "ratio": peak / size,
         "seconds": seconds,
         "machine": f"{platform.node()} {os.cpu_count()} CPUs",
+        "load_average_1min": os.getloadavg()[0],
     }
     print(
         f"file {size / 1e9:.2f} GB, converter peak RSS {peak / 1e9:.2f} GB = "
-        f"{peak / size:.2f}x the file, {seconds:.0f} s"
+        f"{peak / size:.2f}x the file, {seconds:.0f} s (load average {os.getloadavg()[0]:.1f})"
     )
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
     (ROOT / "bench" / "results" / "convert_memory.json").write_text(json.dumps(result, indent=2))

@@ -168,8 +168,8 @@ def convert_stage1(
     checkpoint's ``audio_proj`` holds; every shape is checked against them.
     """
     cfg = cfg or load_config("paper")
-    name = "state dict" if isinstance(source, Mapping) else str(source)
     tensors = load_state_dict(source)
+    name = tensors.name
     values = stage1_values(tensors, cfg, with_musicgen=with_musicgen, source=name)
     model = _abstract_stage1(
         cfg, with_musicgen, projection_width(_official_names(tensors, name), source=name)
@@ -211,7 +211,7 @@ def stage2_values(
     """Official stage-2 tensors -> values of ``model`` (an abstract ``Stage2Model``; its MusicGen,
     when it has one, from ``blip2qformer.musicgen_decoder.*``) by dotted path.
     ``blip2qformer.ln_audio`` is renamed as the notebook does."""
-    from convert.musecoco import TensorSource, source_to_flax
+    from convert.musecoco import source_to_flax
 
     tensors = load_state_dict(tensors)
     ln_audio, layer_norm = (f"{STAGE2_QFORMER_PREFIX}{n}." for n in ("ln_audio", "layer_norm"))
@@ -220,8 +220,7 @@ def stage2_values(
     rules = stage2_rules(model.cfg)
     check_missing(renamed, [key for key, _ in rules.values()], source=source)
     values = values_from_official(model, reader, rules, source=source)
-    musecoco_keys = {k: k for k in renamed if k.startswith(STAGE2_MUSECOCO_PREFIX)}
-    musecoco = TensorSource(renamed.view(musecoco_keys), STAGE2_MUSECOCO_PREFIX)
+    musecoco = renamed.under(STAGE2_MUSECOCO_PREFIX)
     musecoco.name = f"{source} [{STAGE2_MUSECOCO_PREFIX}*]"
     for path, value in source_to_flax(musecoco, model.musecoco).items():
         values[f"musecoco.{path}"] = value

@@ -54,12 +54,21 @@ class LazyTensors(Mapping[str, np.ndarray]):
     of the model (issue 9 item 4). Values keep the source dtype (bf16 stays
     ``ml_dtypes.bfloat16``); converters cast where the model asks for another.
 
-    ``loaders`` maps each name to a function returning its array. :meth:`view` renames keys
-    without reading anything; :meth:`define` adds a derived tensor, computed on access.
+    ``loaders`` maps each name to a function returning its array; ``shapes`` gives what is known
+    without reading (file headers, mapped tensors). ``name`` (the file) starts error lines.
+    :meth:`view` renames keys without reading anything; :meth:`define` adds a derived tensor,
+    computed on access.
     """
 
-    def __init__(self, loaders: Mapping[str, Callable[[], np.ndarray]]):
+    def __init__(
+        self,
+        loaders: Mapping[str, Callable[[], np.ndarray]],
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+        name: str = "state dict",
+    ):
         self._loaders = dict(loaders)
+        self._shapes = dict(shapes or {})
+        self.name = name
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self._loaders[key]()
@@ -73,9 +82,31 @@ class LazyTensors(Mapping[str, np.ndarray]):
     def __len__(self) -> int:
         return len(self._loaders)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """``key``'s shape, from the header where the source has one (nothing read), else read."""
+        if key not in self._loaders:
+            raise CheckpointError(f"{self.name}: missing key '{key}'")
+        if key not in self._shapes:
+            self._shapes[key] = tuple(self[key].shape)
+        return self._shapes[key]
+
     def view(self, names: Mapping[str, str]) -> LazyTensors:
         """A lazy mapping of new name -> ``self[old name]`` for each ``names`` item."""
-        return LazyTensors({new: self._loaders[old] for new, old in names.items()})
+        return LazyTensors(
+            {new: self._loaders[old] for new, old in names.items()},
+            {new: self._shapes[old] for new, old in names.items() if old in self._shapes},
+            self.name,
+        )
+
+    def under(self, prefix: str) -> LazyTensors:
+        """The tensors whose names start with ``prefix``, the prefix removed (e.g. ``musecoco.``
+        of a stage-2 file); none there is an error naming the prefix."""
+        if not prefix:
+            return self
+        names = {k[len(prefix) :]: k for k in self._loaders if k.startswith(prefix)}
+        if not names:
+            raise CheckpointError(f"{self.name}: no tensors under the prefix '{prefix}'")
+        return self.view(names)
 
     def loader(self, key: str) -> Callable[[], np.ndarray]:
         """The function that reads ``key`` (e.g. to derive a tensor from it with :meth:`define`)."""
@@ -84,6 +115,7 @@ class LazyTensors(Mapping[str, np.ndarray]):
     def define(self, key: str, compute: Callable[[], np.ndarray]) -> None:
         """Adds (or replaces) ``key`` as ``compute()``, called on each access."""
         self._loaders[key] = compute
+        self._shapes.pop(key, None)
 
 
 def _loader(value: Any) -> Callable[[], np.ndarray]:
@@ -131,82 +163,102 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({text[:200]})") from err
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> LazyTensors:
-    """Nested state dict -> lazy dotted names -> tensors (non-tensor leaves are dropped)."""
+def flatten(tree: Mapping[str, Any], prefix: str = "", name: str = "state dict") -> LazyTensors:
+    """Nested state dict -> lazy dotted names -> tensors (non-tensor leaves are dropped); shapes
+    come from the (possibly memory-mapped) tensors without reading them."""
     loaders: dict[str, Callable[[], np.ndarray]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for key, value in tree.items():
-        name = f"{prefix}{key}"
+        full = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            loaders.update(flatten(value, f"{name}.")._loaders)
+            inner = flatten(value, f"{full}.")
+            loaders.update(inner._loaders)
+            shapes.update(inner._shapes)
         elif hasattr(value, "shape"):
-            loaders[name] = _loader(value)
-    return LazyTensors(loaders)
+            loaders[full] = _loader(value)
+            shapes[full] = tuple(value.shape)
+    return LazyTensors(loaders, shapes, name)
+
+
+# safetensors dtypes numpy holds itself; the others (BF16, F8_*) come through the flax backend
+_NUMPY_SAFETENSORS = ("F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL")
 
 
 def _safetensors(path: Path) -> LazyTensors:
-    """A ``.safetensors`` file, one tensor per access through ``safe_open`` (bf16, which numpy
-    cannot hold, through the flax backend: ``ml_dtypes.bfloat16``). The file is opened for each
-    tensor, so no mapping of the whole file stays resident while the converter runs (with one
-    open handle every tensor read so far stayed in the process's memory)."""
-    from safetensors import safe_open
+    """A ``.safetensors`` file: names, shapes and dtypes from its header; each access opens the
+    file, reads that one tensor through ``safe_open`` and closes it again, so the mapped pages of
+    tensors already read do not stay resident (peak RSS near one copy of what was converted).
+    bf16, which numpy cannot hold, comes through the flax backend as ``ml_dtypes.bfloat16``."""
+    import safetensors
 
     try:
-        with safe_open(str(path), framework="numpy") as handle:
-            dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
+        with safetensors.safe_open(str(path), framework="numpy") as handle:
+            header = {
+                key: (handle.get_slice(key).get_dtype(), tuple(handle.get_slice(key).get_shape()))
+                for key in handle.keys()
+            }
     except Exception as err:
         raise CheckpointError(
             f"{path}: not a readable safetensors file ({one_line(str(err))[:200]})"
         ) from err
-    numpy_dtypes = ("F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL")
 
-    def loader(key: str) -> Callable[[], np.ndarray]:
-        framework = "numpy" if dtypes[key] in numpy_dtypes else "flax"
+    def loader(key: str, dtype: str) -> Callable[[], np.ndarray]:
+        framework = "numpy" if dtype in _NUMPY_SAFETENSORS else "flax"
 
         def read() -> np.ndarray:
-            with safe_open(str(path), framework=framework) as handle:
+            with safetensors.safe_open(str(path), framework=framework) as handle:
                 return np.asarray(handle.get_tensor(key))
 
         return read
 
-    return LazyTensors({key: loader(key) for key in dtypes})
+    return LazyTensors(
+        {key: loader(key, dtype) for key, (dtype, _) in header.items()},
+        {key: shape for key, (_, shape) in header.items()},
+        str(path),
+    )
 
 
 def load_state_dict(
-    source: str | Path | Mapping[str, Any], *, subkey: str | None = None
+    source: str | Path | Mapping[str, Any], *, subkey: str | None = None, prefix: str = ""
 ) -> LazyTensors:
     """Tensors of a state dict, a ``.safetensors`` file, an HF directory (config.json +
     safetensors or pytorch_model.bin, sharded or not) or a pickled ``.pt``/``.bin`` checkpoint,
-    read lazily (:class:`LazyTensors`: one tensor per access, in the source dtype).
+    read lazily (:class:`LazyTensors`: one tensor per access, in the source dtype, shapes from
+    the headers).
 
     ``subkey`` picks a nested dict inside a pickle (e.g. fairseq's ``"model"``, audiocraft's
-    ``"best_state"``) when present.
+    ``"best_state"``) when present; ``prefix`` keeps only the names under it, prefix removed.
     """
     if isinstance(source, LazyTensors):
-        return source
+        return source.under(prefix)
+    name = "state dict"
     if isinstance(source, Mapping):
         tree: Any = source
     else:
         path = Path(source)
+        name = str(path)
         if not path.exists():
             raise CheckpointError(f"checkpoint not found: {path}")
         if path.is_dir():
             files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
             if not files:
                 raise CheckpointError(f"{path}: no *.safetensors or pytorch_model*.bin inside")
-            loaders: dict[str, Callable[[], np.ndarray]] = {}
+            merged = LazyTensors({}, name=name)
             for f in files:
-                loaders.update(load_state_dict(f, subkey=subkey)._loaders)
-            return LazyTensors(loaders)
+                shard = load_state_dict(f, subkey=subkey)
+                merged._loaders.update(shard._loaders)
+                merged._shapes.update(shard._shapes)
+            return merged.under(prefix)
         if path.stat().st_size == 0:
             raise CheckpointError(f"{path}: empty file")
         if path.suffix == ".safetensors":
-            return _safetensors(path)
+            return _safetensors(path).under(prefix)
         tree = _torch_load(path)
     if subkey is not None and isinstance(tree, Mapping) and subkey in tree:
         tree = tree[subkey]
     if not isinstance(tree, Mapping):
-        raise CheckpointError(f"{source}: expected a state dict, found {type(tree).__name__}")
-    return flatten(tree)
+        raise CheckpointError(f"{name}: expected a state dict, found {type(tree).__name__}")
+    return flatten(tree, name=name).under(prefix)
 
 
 def read_checkpoint(
@@ -221,7 +273,9 @@ def read_checkpoint(
     if path.is_file() and path.suffix != ".safetensors" and path.stat().st_size > 0:
         tree = _torch_load(path)
         if isinstance(tree, Mapping):
-            return load_state_dict(tree, subkey=subkey), tree.get("xp.cfg")
+            tensors = load_state_dict(tree, subkey=subkey)
+            tensors.name = str(path)
+            return tensors, tree.get("xp.cfg")
     return load_state_dict(path, subkey=subkey), None
 
 
@@ -233,6 +287,17 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
         return json.loads(config.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config}: not valid JSON ({err})") from err
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 4096) -> np.ndarray:
+    """An uninitialised array whose buffer starts on an ``align``-byte boundary. numpy's own large
+    buffers start 16 bytes into a page, and ``jax.device_put`` on CPU copies a buffer that is not
+    64-byte aligned; an aligned one it aliases, so a converted model is not held twice."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def param_paths(module: nnx.Module) -> dict[str, nnx.Variable]:

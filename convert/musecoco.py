@@ -9,14 +9,15 @@ Source layout: ``shared/reference/musecoco-1b/state_dict_keys.json`` (``MuseCoco
 ``decoder.layers.N.self_attn.lora_{q,k,v}.lora_{A,B}`` are converted when present (``--prefix
 musecoco.`` reads MuseCoco out of a stage-2 file); without them the model is built without LoRA.
 
-Sources are read one tensor at a time: a ``.safetensors`` file or an HF directory through
-``safe_open``, a ``.pt``/``.bin`` through ``torch.load(mmap=True, weights_only=True)`` with the
-project's pickle allowlist. Each stacked parameter is allocated once in its final dtype and filled
-layer by layer, so the peak host memory stays near one copy of the checkpoint. The source dtype is
-kept unless ``--dtype`` asks for another. Sizes come from ``config.json`` (a directory's, or
-``--config``) or from the tensors; the head count is not in the tensors, so without a config it
-must be given (``--num-heads``), never guessed. Missing and unexpected keys are reported together
-in one line; every tensor's shape is checked against the model by its source name.
+Sources are read one tensor at a time through ``convert.common.load_state_dict`` (a ``.safetensors``
+file or an HF directory through ``safe_open``, a ``.pt``/``.bin`` through ``torch.load(mmap=True,
+weights_only=True)`` with the project's pickle allowlist). Each stacked parameter is allocated once
+in its final dtype and filled layer by layer, so the peak host memory stays near one copy of the
+checkpoint. The source dtype is kept unless ``--dtype`` asks for another. Sizes come from
+``config.json`` (a directory's, or ``--config``) or from the tensors; the head count is not in the
+tensors, so without a config it must be given (``--num-heads``), never guessed. Missing and
+unexpected keys are reported together in one line; every tensor's shape is checked against the model
+by its source name.
 
 Command: ``python -m convert.musecoco SRC OUT [--config config.json] [--num-heads 24]
 [--prefix musecoco.] [--dtype keep|float32|bfloat16]``.
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,17 @@ from flax import nnx
 
 from bossa_jax.cli import ArgumentParser, add_output_options
 from bossa_jax.config import MuseCocoConfig
-from bossa_jax.errors import CheckpointError, ConfigError, one_line, run_cli
+from bossa_jax.errors import CheckpointError, ConfigError, run_cli
 from bossa_jax.models.musecoco import CHECKPOINT_KIND, MuseCoco, load_musecoco, save_musecoco
 from bossa_jax.outputs import check_output
-from convert.common import PICKLE_ALLOWLIST, fill, param_paths
+from convert.common import (
+    LazyTensors,
+    _first_eight,
+    aligned_empty,
+    fill,
+    load_state_dict,
+    param_paths,
+)
 
 __all__ = ["convert_musecoco", "load_musecoco", "save_musecoco", "to_hf_state_dict"]
 
@@ -82,117 +90,6 @@ DTYPE_NAMES = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading one tensor at a time
-
-
-def _torch_to_numpy(tensor: Any) -> np.ndarray:
-    """A torch tensor as numpy in its own dtype (bf16 through ml_dtypes)."""
-    import torch
-
-    tensor = tensor.detach()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
-
-
-class TensorSource:
-    """Names, shapes and (one at a time) values of a checkpoint's tensors, under ``prefix``."""
-
-    def __init__(self, source: str | Path | Mapping[str, Any], prefix: str = ""):
-        self.name = "state dict" if isinstance(source, Mapping) else str(source)
-        tensors: dict[str, Any] = {}
-        if isinstance(source, Mapping):
-            tensors = dict(_flat(source))
-        else:
-            path = Path(source)
-            if not path.exists():
-                raise CheckpointError(f"checkpoint not found: {path}")
-            files = (
-                sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
-                if path.is_dir()
-                else [path]
-            )
-            if not files:
-                raise CheckpointError(f"{path}: no *.safetensors or pytorch_model*.bin inside")
-            for f in files:
-                tensors.update(self._open(f))
-        self._tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if not self._tensors:
-            raise CheckpointError(f"{self.name}: no tensors under the prefix '{prefix}'")
-
-    def _open(self, path: Path) -> Iterator[tuple[str, Any]]:
-        if path.stat().st_size == 0:
-            raise CheckpointError(f"{path}: empty file")
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            try:
-                with safe_open(str(path), framework="pt") as handle:
-                    entries = [
-                        (k, _Lazy(path, k, tuple(handle.get_slice(k).get_shape())))
-                        for k in handle.keys()
-                    ]
-            except Exception as err:
-                raise CheckpointError(
-                    f"{path}: not a readable safetensors file ({one_line(str(err))[:200]})"
-                ) from err
-            return iter(entries)
-        import torch
-
-        try:
-            with torch.serialization.safe_globals(list(PICKLE_ALLOWLIST)):
-                tree = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:
-            raise CheckpointError(
-                f"{path}: not a readable PyTorch checkpoint of tensors and allowed globals "
-                f"({one_line(str(err))[:200]})"
-            ) from err
-        if isinstance(tree, Mapping) and isinstance(tree.get("model"), Mapping):
-            tree = tree["model"]  # fairseq-style wrapper
-        if not isinstance(tree, Mapping):
-            raise CheckpointError(f"{path}: expected a state dict, found {type(tree).__name__}")
-        return _flat(tree)
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._tensors
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        value = self._tensors[key]
-        return tuple(value.shape) if not isinstance(value, _Lazy) else value.shape
-
-    def __call__(self, key: str) -> np.ndarray:
-        value = self._tensors[key]
-        if isinstance(value, _Lazy):
-            return value.read()
-        return value if isinstance(value, np.ndarray) else _torch_to_numpy(value)
-
-
-class _Lazy:
-    """A safetensors entry: shape from the header, values on demand. Each read opens and closes
-    the file, so the mapped pages of tensors already converted do not stay resident."""
-
-    def __init__(self, path: Path, key: str, shape: tuple[int, ...]):
-        self.path, self.key, self.shape = path, key, shape
-
-    def read(self) -> np.ndarray:
-        from safetensors import safe_open
-
-        with safe_open(str(self.path), framework="pt") as handle:
-            return _torch_to_numpy(handle.get_tensor(self.key))
-
-
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _flat(value, f"{prefix}{key}.")
-        elif hasattr(value, "shape"):
-            yield f"{prefix}{key}", value
-
-
-# ---------------------------------------------------------------------------------------------
 # Config
 
 
@@ -202,14 +99,8 @@ def _layer_count(keys: Sequence[str]) -> int:
     return max(found) + 1 if found else 0
 
 
-def _shape(src: TensorSource, key: str) -> tuple[int, ...]:
-    if key not in src:
-        raise CheckpointError(f"{src.name}: missing key '{key}'")
-    return src.shape(key)
-
-
 def config_from_source(
-    src: TensorSource,
+    src: LazyTensors,
     hf_config: Mapping[str, Any] | None,
     *,
     num_heads: int | None,
@@ -217,8 +108,8 @@ def config_from_source(
 ) -> MuseCocoConfig:
     """Sizes from ``hf_config`` (the HF port's config.json) where given, else from the tensors;
     the head count from ``hf_config`` or ``num_heads`` (an error without either)."""
-    vocab, hidden = _shape(src, "decoder.embed_tokens.weight")
-    inner = _shape(src, "decoder.layers.0.self_attn.q_proj.weight")[0]
+    vocab, hidden = src.shape("decoder.embed_tokens.weight")
+    inner = src.shape("decoder.layers.0.self_attn.q_proj.weight")[0]
     lora_key = "decoder.layers.0.self_attn.lora_q.lora_A"
     heads = num_heads
     fields: dict[str, Any] = {}
@@ -247,7 +138,7 @@ def config_from_source(
             f"{src.name}: {heads} heads on width {hidden} do not give the "
             f"{inner} rows of 'decoder.layers.0.self_attn.q_proj.weight' (heads x width // heads)"
         )
-    source_dtype = np.dtype(src("decoder.layer_norm.weight").dtype)
+    source_dtype = np.dtype(src["decoder.layer_norm.weight"].dtype)
     if dtype is None and source_dtype not in DTYPE_NAMES:
         raise CheckpointError(f"{src.name}: unsupported parameter dtype {source_dtype}")
     cfg = MuseCocoConfig(
@@ -255,7 +146,7 @@ def config_from_source(
         hidden_size=hidden,
         num_attention_heads=heads,
         num_hidden_layers=_layer_count(src.keys()),
-        ffn_dim=_shape(src, "decoder.layers.0.fc1.weight")[0],
+        ffn_dim=src.shape("decoder.layers.0.fc1.weight")[0],
         lora=lora_key in src,
         lora_rank=src.shape(lora_key)[0] if lora_key in src else MuseCocoConfig.lora_rank,
         dtype=dtype or DTYPE_NAMES[source_dtype],
@@ -281,22 +172,18 @@ def source_keys(cfg: MuseCocoConfig) -> list[str]:
     return keys + [hf for _, hf, _ in TOP_TABLE[1:]]
 
 
-def _listed(keys: list[str]) -> str:
-    return f"{keys[:8]}" + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-
-
-def check_key_sets(src: TensorSource, needed: Sequence[str]) -> None:
+def check_key_sets(src: LazyTensors, needed: Sequence[str]) -> None:
     """One line naming the missing and the unexpected keys, before any tensor is read."""
     have = set(src.keys())
     missing = [k for k in needed if k not in have]
     unexpected = sorted(have - set(needed) - set(IGNORED))
-    problems = [f"missing keys {_listed(missing)}"] if missing else []
-    problems += [f"unexpected keys {_listed(unexpected)}"] if unexpected else []
+    problems = [f"missing keys {_first_eight(missing)}"] if missing else []
+    problems += [f"unexpected keys {_first_eight(unexpected)}"] if unexpected else []
     if problems:
         raise CheckpointError(f"{src.name}: " + "; ".join(problems))
 
 
-def _checked(src: TensorSource, key: str, want: tuple[int, ...], kernel: bool) -> np.ndarray:
+def _checked(src: LazyTensors, key: str, want: tuple[int, ...], kernel: bool) -> np.ndarray:
     """One source tensor in Flax orientation; a wrong shape names the source key."""
     want_source = want[::-1] if kernel else want
     if src.shape(key) != want_source:
@@ -304,11 +191,11 @@ def _checked(src: TensorSource, key: str, want: tuple[int, ...], kernel: bool) -
             f"{src.name}: shape mismatch for '{key}': expected {want_source}, "
             f"found {src.shape(key)}"
         )
-    value = src(key)
+    value = src[key]
     return value.T if kernel else value
 
 
-def source_to_flax(src: TensorSource, model: MuseCoco) -> dict[str, np.ndarray]:
+def source_to_flax(src: LazyTensors, model: MuseCoco) -> dict[str, np.ndarray]:
     """The values of ``model``'s parameters (Flax dotted paths) from ``src``, in their dtypes."""
     cfg = model.cfg
     check_key_sets(src, source_keys(cfg))
@@ -316,10 +203,11 @@ def source_to_flax(src: TensorSource, model: MuseCoco) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for flax, hf, kernel in TOP_TABLE:
         var = params[flax]
-        out[flax] = np.asarray(_checked(src, hf, tuple(var.shape), kernel), var.dtype)
+        out[flax] = aligned_empty(var.shape, var.dtype)  # aligned: device_put aliases it
+        out[flax][...] = _checked(src, hf, tuple(var.shape), kernel)
     for flax, hf, kernel in BLOCK_TABLE + (LORA_TABLE if cfg.lora else ()):
         var = params[f"layers.{flax}"]
-        stacked = np.empty(var.shape, var.dtype)  # filled layer by layer: no second copy
+        stacked = aligned_empty(var.shape, var.dtype)  # filled layer by layer: no second copy
         for i in range(cfg.num_hidden_layers):
             stacked[i] = _checked(src, LAYER.format(i=i) + hf, tuple(var.shape[1:]), kernel)
         out[f"layers.{flax}"] = stacked
@@ -335,7 +223,7 @@ def convert_musecoco(
     dtype: str | None = None,
 ) -> MuseCoco:
     """A :class:`MuseCoco` holding ``source``'s weights (see the module docstring)."""
-    src = TensorSource(source, prefix)
+    src = load_state_dict(source, subkey="model", prefix=prefix)  # fairseq wraps in "model"
     if hf_config is None and not isinstance(source, Mapping) and Path(source).is_dir():
         if (Path(source) / "config.json").is_file():
             hf_config = Path(source) / "config.json"
@@ -347,10 +235,11 @@ def convert_musecoco(
     cfg = config_from_source(src, hf_config, num_heads=num_heads, dtype=dtype)
     model = nnx.eval_shape(lambda: MuseCoco(cfg, rngs=nnx.Rngs(0)))
     fill(model, source_to_flax(src, model), source=src.name)
-    # jax arrays for the checkpoint writer: on CPU, device_put aliases the (aligned) numpy buffers
-    # instead of copying, and orbax then writes them without a second host copy of the model
+    # jax arrays for the checkpoint writer: on CPU, device_put aliases the page-aligned buffers of
+    # source_to_flax instead of copying them (an unaligned buffer is copied), and orbax then writes
+    # them without a second host copy of the model; waiting on each keeps one transfer in flight.
     for var in param_paths(model).values():
-        var.set_value(jax.device_put(var.get_value()))
+        var.set_value(jax.block_until_ready(jax.device_put(var.get_value())))
     return model
 
 

@@ -229,7 +229,9 @@ def read_fairseq_checkpoint(path: str | Path) -> tuple[LazyTensors, dict[str, An
         raise CheckpointError(
             f"{path}: fairseq checkpoint without 'args' (argparse.Namespace) or 'cfg.model'"
         )
-    return load_state_dict(obj["model"]), args
+    tensors = load_state_dict(obj["model"])
+    tensors.name = str(path)
+    return tensors, args
 
 
 def infer_config(
