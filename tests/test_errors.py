@@ -138,6 +138,7 @@ def test_ctrl_c_while_stage1_builds_the_model(tmp_path):
 
     corpus = write_synthetic_corpus(tmp_path / "corpus", songs=5, bars=16)
     rng = random.Random(1)
+    interrupted = 0
     for i in range(CHILDREN):
         out = tmp_path / f"run{i}"
         cmd = [sys.executable, str(ROOT / "train.py"), "stage1", "--config",
@@ -147,10 +148,16 @@ def test_ctrl_c_while_stage1_builds_the_model(tmp_path):
         proc = _start(cmd, _env(tmp_path), tmp_path)
         time.sleep(1.0 + 8.0 * i / CHILDREN + rng.uniform(0, 0.5))  # imports, data, build
         output = _interrupt(proc)
-        _assert_clean_interrupt(proc, output, f"stage1 child {i}")
+        if proc.returncode == 0:  # a fast machine finished the whole tiny run before the signal
+            assert "stopped_by=done" in output, output[-2000:]
+            assert not [m for m in CRASH_MARKERS if m in output], output[-3000:]
+        else:
+            _assert_clean_interrupt(proc, output, f"stage1 child {i}")
+            interrupted += 1
         assert not _leftovers(tmp_path), _leftovers(tmp_path)
         steps = sorted((out / "checkpoints").glob("*")) if (out / "checkpoints").exists() else []
         assert all((p / "commit_success.txt").is_file() for p in steps), steps
+    assert interrupted >= CHILDREN // 2, f"only {interrupted} of {CHILDREN} runs were interrupted"
 
 
 def _toy(out: Path, tmp: Path, *args: str) -> subprocess.Popen:
