@@ -135,6 +135,26 @@ def ref_config(q):
     )
 
 
+def torch_batch_args(local) -> tuple:
+    """The reference step's inputs after the audio: audio mask, notes, lead-sheet and pad masks,
+    and the ITM negatives. The official code draws those with torch.multinomial over the
+    similarities; here they are given (seeded, never the positive): the sampling is negligible
+    and the reference takes indices."""
+    import numpy as np
+    import torch
+
+    n = local["notes"].shape[0]
+    rng = np.random.default_rng(0)
+    return (
+        torch.from_numpy(np.asarray(local["audio_mask"], np.float32)),
+        torch.from_numpy(np.asarray(local["notes"], np.int64)),
+        torch.from_numpy(np.asarray(local["leadsheet_mask"], np.int64)),
+        torch.from_numpy(np.asarray(local["pad_mask"], np.int64)),
+        torch.from_numpy((np.arange(n) + 1 + rng.integers(0, n - 1, n)) % n),
+        torch.from_numpy((np.arange(n) + 1 + rng.integers(0, n - 1, n)) % n),
+    )
+
+
 def torch_step_rate(cfg, local, steps: int, repeats: int) -> dict:
     import numpy as np
     import torch
@@ -147,15 +167,9 @@ def torch_step_rate(cfg, local, steps: int, repeats: int) -> dict:
         ref.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05
     )
     n = local["notes"].shape[0]
-    rng = np.random.default_rng(0)
     args = (
         torch.from_numpy(np.asarray(local["features"], np.float32)),
-        torch.from_numpy(np.asarray(local["audio_mask"], np.float32)),
-        torch.from_numpy(np.asarray(local["notes"], np.int64)),
-        torch.from_numpy(np.asarray(local["leadsheet_mask"], np.int64)),
-        torch.from_numpy(np.asarray(local["pad_mask"], np.int64)),
-        torch.from_numpy((np.arange(n) + 1 + rng.integers(0, n - 1, n)) % n),
-        torch.from_numpy((np.arange(n) + 1 + rng.integers(0, n - 1, n)) % n),
+        *torch_batch_args(local),
     )
 
     def one() -> float:
@@ -315,19 +329,8 @@ def torch_official_runner(cfg, local, *, fast: bool):
         weight_decay=o.weight_decay,
         fused=True if fast else None,
     )
-    n = local["notes"].shape[0]
     codes = torch.from_numpy(np.asarray(local["codes"], np.int64))
-    rng = np.random.default_rng(0)
-    args = (
-        torch.from_numpy(np.asarray(local["audio_mask"], np.float32)),
-        torch.from_numpy(np.asarray(local["notes"], np.int64)),
-        torch.from_numpy(np.asarray(local["leadsheet_mask"], np.int64)),
-        torch.from_numpy(np.asarray(local["pad_mask"], np.int64)),
-        # the ITM negatives (torch.multinomial over the similarities in the official code) are
-        # given: the sampling is negligible and the reference takes indices
-        torch.from_numpy((np.arange(n) + 1 + rng.integers(0, n - 1, n)) % n),
-        torch.from_numpy((np.arange(n) + 1 + rng.integers(0, n - 1, n)) % n),
-    )
+    args = torch_batch_args(local)
     special = mg.vocab_size
 
     def audio_features() -> torch.Tensor:
