@@ -132,15 +132,27 @@ def parse_chord(label: str) -> tuple[int, np.ndarray, int] | None:
     return root_pc, bitmap, (scale_degree(bass) + root_pc) % 12
 
 
+def bass_rooted_voicing(
+    root: int, bitmap: np.ndarray, bass: int, *, force_bass: bool = False
+) -> np.ndarray:
+    """SPEC 6.2's chord voicing: the root-relative 12-bit ``bitmap`` rolled to the ``bass`` pitch
+    class, notes at 48 + bass + interval (36 + ... when the bass is not sounded and the lowest
+    chord tone above it passes the octave). ``force_bass`` sounds the bass (PIAST; POP909 does
+    not)."""
+    rolled = np.roll(np.asarray(bitmap, dtype=np.int64), root - bass)
+    if force_bass:
+        rolled[0] = 1
+    register = 3 if bass + int(np.argmax(rolled)) > 11 else 4
+    return register * 12 + bass + np.flatnonzero(rolled)
+
+
 def pop909_voicing(label: str) -> np.ndarray:
     """MIDI pitches of a POP909 chord label (official ``arrange_pop909.read_chord``)."""
     parsed = parse_chord(label)
     if parsed is None:
         return np.zeros(0, dtype=np.int64)
     root, bitmap, bass = parsed
-    rolled = np.roll(bitmap, root - bass)
-    register = 3 if bass + int(np.argmax(rolled)) > 11 else 4
-    return register * 12 + bass + np.flatnonzero(rolled)
+    return bass_rooted_voicing(root, bitmap, bass)
 
 
 _PIAST_QUALITY = (("M", "maj"), ("m", "min"), ("+", "aug"))
@@ -165,10 +177,7 @@ def piast_voicing(marker: str) -> np.ndarray:
     parsed = parse_chord(f"{root}:{quality}")
     assert parsed is not None
     root_pc, bitmap, _ = parsed
-    bass_pc = pitch_class(bass)
-    rel = np.roll(np.roll(bitmap, root_pc), -bass_pc)
-    rel[0] = 1
-    return 48 + bass_pc + np.flatnonzero(rel)
+    return bass_rooted_voicing(root_pc, bitmap, pitch_class(bass), force_bass=True)
 
 
 def _chord_table(
