@@ -28,8 +28,6 @@ Needs the Debian packages ``fluidsynth`` and ``timgm6mb-soundfont`` (install wit
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -41,6 +39,7 @@ from symusic import Note, Score, Tempo, TimeSignature, Track
 
 from bossa_jax.errors import BossaError, run_cli
 from bossa_jax.outputs import atomic_output
+from bossa_jax.render import run_fluidsynth
 
 ASSETS_DIR = Path(__file__).resolve().parent
 DEFAULT_SOUNDFONT = Path("/usr/share/sounds/sf2/TimGM6mb.sf2")
@@ -207,31 +206,16 @@ def build_style_score() -> Score:
 
 
 def render(midi: Path, soundfont: Path, out_wav: Path) -> None:
-    """Renders ``midi`` offline with FluidSynth at 32 kHz (stereo float WAV)."""
-    fluidsynth = shutil.which("fluidsynth")
-    if fluidsynth is None:
-        raise BossaError(
-            "fluidsynth not found; install it: apt-get install -y --no-install-recommends "
-            "fluidsynth timgm6mb-soundfont"
-        )
+    """Renders ``midi`` offline with FluidSynth at 32 kHz (stereo float WAV), FluidSynth's default
+    reverb and chorus on (bossa_jax.render.run_fluidsynth)."""
     if not soundfont.is_file():
         raise BossaError(
             f"{soundfont}: soundfont not found; install timgm6mb-soundfont or pass one"
         )
-    command = [
-        fluidsynth,
-        "-ni",  # no MIDI input, no shell
-        "-q",
-        "-g", "0.5",
-        "-r", str(SAMPLE_RATE),
-        "-O", "float",
-        "-F", str(out_wav),
-        str(soundfont),
-        str(midi),
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0 or not out_wav.is_file():
-        raise BossaError(f"fluidsynth failed on {midi}: {' '.join(result.stderr.split())}")
+    stereo = run_fluidsynth(
+        midi, soundfont, sample_rate=SAMPLE_RATE, effects=True, skip_flag="--midi-only"
+    )
+    soundfile.write(str(out_wav), stereo, SAMPLE_RATE, format="WAV", subtype="FLOAT")
 
 
 def master(stereo: np.ndarray, music_seconds: float) -> np.ndarray:

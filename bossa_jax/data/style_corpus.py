@@ -46,9 +46,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,6 +55,7 @@ import symusic
 
 from bossa_jax.errors import BossaError, ConfigError
 from bossa_jax.outputs import atomic_output, check_output
+from bossa_jax.render import run_fluidsynth
 
 OUTPUT_KIND = "style corpus"
 DATASET = "style"
@@ -396,24 +394,7 @@ def build_song(spec: SongSpec, seed: int) -> SongScores:
 def render_band(midi: Path, out: Path, seconds: float, soundfont: Path) -> None:
     """FluidSynth (offline, reverb and chorus off: deterministic) -> mono 32 kHz FLAC at -1 dBFS
     peak, cut ``TAIL_SECONDS`` after the music."""
-    fluidsynth = shutil.which("fluidsynth")
-    if fluidsynth is None:
-        raise BossaError(
-            "fluidsynth not found; install it (apt-get install fluidsynth timgm6mb-soundfont) "
-            "or pass --no-audio"
-        )
-    with tempfile.TemporaryDirectory() as tmp:
-        wav = Path(tmp) / "band.wav"
-        command = [
-            fluidsynth, "-ni", "-q", "-R", "0", "-C", "0", "-g", "0.5",
-            "-r", str(SAMPLE_RATE), "-O", "float", "-F", str(wav), str(soundfont), str(midi),
-        ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        if result.returncode != 0 or not wav.is_file():
-            raise BossaError(f"fluidsynth failed on {midi}: {' '.join(result.stderr.split())}")
-        stereo, rate = soundfile.read(str(wav), dtype="float32", always_2d=True)
-    if rate != SAMPLE_RATE:
-        raise BossaError(f"fluidsynth rendered {rate} Hz instead of {SAMPLE_RATE} Hz")
+    stereo = run_fluidsynth(midi, soundfont, sample_rate=SAMPLE_RATE, skip_flag="--no-audio")
     mono = stereo.mean(axis=1)[: round((seconds + TAIL_SECONDS) * SAMPLE_RATE)]
     peak = float(np.max(np.abs(mono))) if mono.size else 0.0
     if peak == 0.0:
