@@ -1,22 +1,16 @@
-"""Arrange a lead sheet in the style of a reference audio clip (thin entry point).
+"""Arrange a lead sheet in the style of a reference recording (thin entry point; the work is in
+bossa_jax.generate, whose docstring describes every option, the batch mode and the errors).
 
-Stage 2 (MuseCoco + LoRA, bossa_jax.models.arranger) and the jitted top-k sampler
-(bossa_jax.sampling) exist; windowed arrangement of whole lead sheets and a trained model to run
-(the BOSSA-mini demo checkpoint) do not yet: until they land this command says so and exits
-non-zero instead of pretending.
+    python generate.py --leadsheet LS --audio REF --out DIR [--checkpoint DIR] [--config FILE]
+        [--bars A:B] [--top-k 15] [--temperature 1.0] [--top-p P] [--seed N] [--pedal]
+        [--no-render] [--soundfont SF2] [--overwrite] [key=value ...]
+    python generate.py --manifest SONGS.jsonl --out DIR [same options]
 """
 
 import sys
 
-from bossa_jax.errors import BossaError, run_cli
-
-
-def main(argv: list[str]) -> int:
-    raise BossaError(
-        "generate.py: windowed arrangement and the demo model are not built yet (stage 2 and the "
-        "sampler are); available now: `python -m bossa_jax.features`, `train.py stage1|stage2`"
-    )
-
+from bossa_jax.errors import run_cli
+from bossa_jax.generate import main
 
 if __name__ == "__main__":
     run_cli(main, sys.argv[1:])

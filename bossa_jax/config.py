@@ -796,3 +796,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     config = build(Config, data)
     config.validate()
     return config
+
+
+def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
+    """``config`` with ``key=value`` overrides applied, type-checked and validated."""
+    if not overrides:
+        return config
+    data = _merge(config.to_dict(), parse_overrides(overrides))
+    out = build(Config, data)
+    out.validate()
+    return out

@@ -182,7 +182,13 @@ ROWS = [
     ("train", [*EVAL, "--out", "{w}/notes.txt/r.json"], "is a file and not a folder"),
     ("train", ["stage2"], "--config"),
     ("train", ["stage2", "--config", TINY, "stage2.bogus=1"], "stage2.bogus"),
-    ("generate", ["--lead-sheet", LEADSHEET], "not built yet"),
+    ("generate", ["--checkpoint", "{w}/none", "--no-render"], "python -m convert.bossa"),
+    ("generate", ["--checkpoint", "{w}/mydir", "--no-render"], "not a bossa-jax checkpoint"),
+    ("generate", ["--bars", "5", "--no-render"], "--bars"),
+    ("generate", ["--out", "{w}/mydir", "--no-render"], "not written by bossa-jax"),
+    ("generate", ["--out", "{w}/good.wav", "--audio", "{w}/good.wav"], "is the input"),
+    ("generate", ["--manifest", "{w}/notes.txt", "--no-render"], "notes.txt:1: not a JSON object"),
+    ("generate", ["--lead-sheet", LEADSHEET], "unrecognized arguments"),
 ]
 # fmt: on
 
