@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +27,7 @@ from flax import nnx
 from bossa_jax import audio, generate, render, sharding
 from bossa_jax.assets import DEMO_LEADSHEET
 from bossa_jax.config import load_config
-from bossa_jax.errors import run_cli
+from bossa_jax.errors import BossaError, run_cli
 from bossa_jax.models.arranger import Stage2Model, save_stage2
 from bossa_jax.outputs import MARKER
 from bossa_jax.symbolic import remi
@@ -284,3 +285,45 @@ def test_missing_default_checkpoint_says_how_to_get_one(world, capsys, monkeypat
     code, _, err = run(["--no-render", "--out", "o2"], capsys)
     assert code == 2 and "train.py mini" in err and "convert.bossa" in err
     assert not (world / "o2").exists()
+
+
+GOOD_LINE = '{"leadsheet": "a.mid", "audio": "a.wav"}'
+
+
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        ('{"leadsheet": "a.mid", "audio": "a.wav", "tempo": 3}', ":2: unknown key 'tempo'"),
+        ('{"leadsheet": "b.mid"}', ":2: 'audio' must be a file path"),
+        ('{"leadsheet": "x/a.mid", "audio": "b.wav"}', ":2: id 'a' is used by"),
+        ('{"id": "../up", "leadsheet": "b.mid", "audio": "b.wav"}', ":2: id '../up' must be"),
+        ('{"id": "b", "leadsheet": "b.mid", "audio": "b.wav", "bars": "3"}', ":2 bars: bars must"),
+        (
+            '{"id": "b", "leadsheet": "b.mid", "audio": "b.wav", "bars": [4, 1]}',
+            ":2 bars: bars must",
+        ),
+        ("{not json", ":2: not a JSON object"),
+        ('["a.mid", "a.wav"]', ":2: expected a JSON object"),
+    ],
+)
+def test_malformed_manifest_lines_name_file_and_line(tmp_path, text, expect):
+    manifest = tmp_path / "songs.jsonl"
+    manifest.write_text(f"{GOOD_LINE}\n{text}\n")
+    with pytest.raises(BossaError) as info:
+        generate.read_manifest(manifest)
+    assert f"{manifest}{expect}" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_manifest_paths_are_relative_to_its_folder(tmp_path):
+    manifest = tmp_path / "sub" / "songs.jsonl"
+    manifest.parent.mkdir()
+    manifest.write_text(f'\n{GOOD_LINE}\n{{"id": "b", "leadsheet": "/x/b.abc", "audio": "b.wav", '
+                        '"bars": "2:6"}\n')  # fmt: skip
+    jobs = generate.read_manifest(manifest)
+    assert [(j.id, j.leadsheet, j.audio, j.bars, j.where) for j in jobs] == [
+        ("a", manifest.parent / "a.mid", manifest.parent / "a.wav", None, f"{manifest}:2"),
+        ("b", Path("/x/b.abc"), manifest.parent / "b.wav", (2, 6), f"{manifest}:3"),
+    ]
+    manifest.write_text("\n\n")
+    with pytest.raises(BossaError, match="lists no song"):
+        generate.read_manifest(manifest)
