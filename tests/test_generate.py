@@ -327,3 +327,20 @@ def test_manifest_paths_are_relative_to_its_folder(tmp_path):
     manifest.write_text("\n\n")
     with pytest.raises(BossaError, match="lists no song"):
         generate.read_manifest(manifest)
+
+
+def test_config_and_soundfont_errors(world, capsys):
+    common = ["--leadsheet", str(DEMO_LEADSHEET), "--audio", str(world / "ref.wav"),
+              "--checkpoint", str(world / "ckpt"), "--out", str(world / "err")]  # fmt: skip
+    cases = [
+        # no --config and no run_config.yaml beside a checkpoint without MusicGen
+        (["--no-render"], "give the config it was trained with (--config)"),
+        # the config's front end does not fit the checkpoint
+        (["--no-render", "--config", "tiny"], "audio.frontend"),
+        (["--soundfont", str(world / "none.sf2")], "none.sf2: soundfont not found"),
+    ]
+    for extra, expect in cases:
+        code, _, err = run([*common, *extra], capsys)
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and expect in lines[0], err
+        assert not (world / "err").exists()
