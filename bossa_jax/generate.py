@@ -416,7 +416,7 @@ def main(argv: Sequence[str]) -> int:
         tmp.mkdir()
         (tmp / CONFIG_NAME).write_text(config.to_yaml())
         with _progress_bar(
-            disable or not batch, desc="songs", unit="song", total=len(ready)
+            disable if batch else True, desc="songs", unit="song", total=len(ready)
         ) as bar:
             for job in ready:
                 write_song(
