@@ -14,6 +14,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -344,3 +346,19 @@ def test_config_and_soundfont_errors(world, capsys):
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert code == 2 and len(lines) == 1 and expect in lines[0], err
         assert not (world / "err").exists()
+
+
+def test_the_script_runs_as_a_program(tmp_path):
+    """``python generate.py`` itself: a missing checkpoint is one line and exit status 2."""
+    world = tmp_path
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root))
+    proc = subprocess.run(
+        [sys.executable, str(root / "generate.py"), "--checkpoint", str(world / "none"),
+         "--no-render", "--out", str(world / "script-out")],
+        cwd=world, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "none: no stage-2 checkpoint there" in proc.stderr
+    assert not (world / "script-out").exists()
