@@ -446,3 +446,39 @@ def test_bad_requests_are_one_line_errors(model, leadsheet, reference, tmp_path)
         )
     with pytest.raises(ConfigError, match="no MusicGen"):
         Arranger(model, load_config("tiny"))
+
+
+def test_musicgen_front_end_encodes_the_whole_file_once_and_cuts_codes(leadsheet, reference):
+    """Front end ``musicgen``: the file's codes come from fixed-chunk encoding of the whole file
+    (as the codes store), each window's clip is cut from them, padded with the special id, and
+    MusicGen runs inside the style prefix."""
+    from bossa_jax.data.codes import chunked_encoder
+    from bossa_jax.models.encodec import EncodecEncoder, encode_fn
+
+    cfg = load_config("tiny", ["arrange.chunk_seconds=4"])
+    model = sharding.create_sharded(
+        lambda: Stage2Model(cfg.qformer, cfg.musecoco, cfg.musicgen, rngs=nnx.Rngs(0))
+    )
+    with pytest.raises(ConfigError, match="arrange.encodec_checkpoint"):
+        Arranger(model, cfg)
+    encodec = sharding.create_sharded(lambda: EncodecEncoder(cfg.encodec, rngs=nnx.Rngs(1)))
+    arranger = Arranger(model, cfg, encodec=encodec)
+    prepared = arranger.prepare(SongRequest("demo", leadsheet, reference, bars=(8, 16)))
+    samples = audio.load_clip(reference, clip_frames=2**40).samples
+    graphdef, state = nnx.split(encodec)
+    whole = chunked_encoder(lambda x: np.asarray(encode_fn(graphdef, state, x)), 4 * 50 * 640)(
+        samples
+    )
+    np.testing.assert_array_equal(prepared.audio.codes, whole)
+    assert whole.shape == (4, 700)
+    mask, codes, features = arranger._clip_inputs([prepared], 2, 2)
+    start, valid = prepared.clips[2]
+    assert features is None and valid == 508 and start == 192  # bars 12-16 lie past 14 s
+    np.testing.assert_array_equal(codes[0], whole[:, start : start + 508])
+    assert (codes[1] == cfg.musicgen.special_id).all()
+    prefix = np.asarray(arranger._prefix(mask, codes, None))
+    direct = model.style_prefix(mask, codes=codes)
+    np.testing.assert_allclose(prefix, np.asarray(direct), atol=1e-5)
+    arranger.sampler = ScriptedSampler(arranger.sampler.cfg)
+    (piece,) = arranger([prepared])
+    assert piece.bars == 8
