@@ -342,6 +342,78 @@ def _progress_bar(disable: bool | None, **kw):
     return tqdm(disable=disable, file=sys.stderr, leave=False, dynamic_ncols=True, **kw)
 
 
+def _skip_or_raise(job: Job, err: BossaError, batch: bool) -> None:
+    """One song's failure: the error itself for one song; reported and skipped in a batch."""
+    if not batch:
+        raise err
+    job.error = one_line(str(err))
+    print(f"skipped {job.id} ({job.where}): {job.error}", file=sys.stderr)
+
+
+def _no_song_left(manifest: str, jobs: Sequence[Job]) -> DataError:
+    first = next(j for j in jobs if j.error)
+    return DataError(f"{manifest}: no song could be arranged (first: {first.error})")
+
+
+def arrange_jobs(
+    arranger, jobs: Sequence[Job], *, manifest: str | None, seed: int, disable: bool | None
+) -> None:
+    """Prepares every checked song (bad ones skipped in a batch), arranges them together and
+    stores each result in its job."""
+    from bossa_jax.arrange import SongRequest
+
+    batch = manifest is not None
+    prepared, ready = [], []
+    for job in jobs:
+        if job.error:
+            continue
+        try:
+            prepared.append(arranger.prepare(SongRequest(job.id, job.song, job.audio, job.bars)))
+            ready.append(job)
+        except BossaError as err:
+            _skip_or_raise(job, err, batch)
+    if not ready:
+        raise _no_song_left(str(manifest), jobs)
+    with _progress_bar(disable, desc="windows", unit="window") as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        results = arranger(prepared, seed=seed, progress=progress)
+    for job, result in zip(ready, results, strict=True):
+        job.result = result
+
+
+def write_outputs(out: Path, jobs: Sequence[Job], config, args, *, batch: bool, soundfont) -> None:
+    """The output folder, written atomically: config.yaml, each song's files (in ``<id>/`` in a
+    batch) and, in a batch, summary.json."""
+    done = [j for j in jobs if j.result is not None]
+    kind = BATCH_KIND if batch else OUTPUT_KIND
+    with atomic_output(out, kind=kind, overwrite=args.overwrite) as tmp:
+        tmp.mkdir()
+        (tmp / CONFIG_NAME).write_text(config.to_yaml())
+        songs_bar = (True if args.no_progress else None) if batch else True
+        with _progress_bar(songs_bar, desc="songs", unit="song", total=len(done)) as bar:
+            for job in done:
+                folder = tmp / job.id if batch else tmp
+                write_song(folder, job, render=not args.no_render, soundfont=soundfont)
+                bar.update(1)
+        if batch:
+            records = [_summary_record(j) for j in jobs]
+            (tmp / SUMMARY_NAME).write_text(json.dumps(records, indent=1) + "\n")
+
+
+def batch_summary(out: Path, jobs: Sequence[Job], elapsed: float) -> str:
+    done = [j.result for j in jobs if j.result is not None]
+    tokens = sum(a.generated_tokens for a in done)
+    return (
+        f"{out}: {len(done)} of {len(jobs)} songs arranged, {sum(a.bars for a in done)} bars, "
+        f"{sum(a.notes for a in done)} notes, {elapsed:.1f} s, "
+        f"{tokens / elapsed if elapsed > 0 else 0.0:.1f} tokens/s"
+    )
+
+
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     setup_logging()
@@ -356,6 +428,7 @@ def main(argv: Sequence[str]) -> int:
     sources = [checkpoint, *(p for j in jobs for p in (j.leadsheet, j.audio))]
     if batch:
         sources.append(Path(args.manifest))
+    # everything that can be checked is, before the model is loaded
     out = check_output(
         args.out, BATCH_KIND if batch else OUTPUT_KIND, folder=True,
         overwrite=args.overwrite, sources=sources,
@@ -367,79 +440,24 @@ def main(argv: Sequence[str]) -> int:
         soundfont = rendering.find_soundfont(args.soundfont)
         rendering.fluidsynth_binary()
     config = resolve_config(checkpoint, args.config, [*args.overrides, *_flag_overrides(args)])
-
-    bars_flag = "--bars"
     for job in jobs:
         try:
-            check_job(job, config, bars_flag if not batch else f"{job.where} bars")
+            check_job(job, config, f"{job.where} bars" if batch else "--bars")
         except BossaError as err:
-            if not batch:
-                raise
-            job.error = one_line(str(err))
-            print(f"skipped {job.id} ({job.where}): {job.error}", file=sys.stderr)
-    if batch and all(j.error for j in jobs):
-        raise DataError(f"{args.manifest}: no song could be arranged (first: {jobs[0].error})")
+            _skip_or_raise(job, err, batch)
+    if all(j.error for j in jobs):
+        raise _no_song_left(args.manifest, jobs)
 
-    disable = True if args.no_progress else None
-    from bossa_jax.arrange import Arranger, SongRequest
+    from bossa_jax.arrange import Arranger
 
     started = time.perf_counter()
     arranger = Arranger.from_checkpoint(checkpoint, config)
-    prepared, ready = [], []
-    for job in jobs:
-        if job.error:
-            continue
-        request = SongRequest(job.id, job.song, job.audio, job.bars)
-        try:
-            prepared.append(arranger.prepare(request))
-            ready.append(job)
-        except BossaError as err:
-            if not batch:
-                raise
-            job.error = one_line(str(err))
-            print(f"skipped {job.id} ({job.where}): {job.error}", file=sys.stderr)
-    if not ready:
-        raise DataError(f"{args.manifest}: no song could be arranged (first: {jobs[0].error})")
-
-    with _progress_bar(disable, desc="windows", unit="window") as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        results = arranger(prepared, seed=args.seed, progress=progress)
-    for job, result in zip(ready, results, strict=True):
-        job.result = result
-
-    kind = BATCH_KIND if batch else OUTPUT_KIND
-    with atomic_output(out, kind=kind, overwrite=args.overwrite) as tmp:
-        tmp.mkdir()
-        (tmp / CONFIG_NAME).write_text(config.to_yaml())
-        with _progress_bar(
-            disable if batch else True, desc="songs", unit="song", total=len(ready)
-        ) as bar:
-            for job in ready:
-                write_song(
-                    tmp / job.id if batch else tmp,
-                    job,
-                    render=not args.no_render,
-                    soundfont=soundfont,
-                )
-                bar.update(1)
-        if batch:
-            records = [_summary_record(j) for j in jobs]
-            (tmp / SUMMARY_NAME).write_text(json.dumps(records, indent=1) + "\n")
-    elapsed = time.perf_counter() - started
+    disable = True if args.no_progress else None
+    arrange_jobs(arranger, jobs, manifest=args.manifest, seed=args.seed, disable=disable)
+    write_outputs(out, jobs, config, args, batch=batch, soundfont=soundfont)
     if not batch:
         print(summary_line(jobs[0], out / MIDI_NAME))
         return 0
     print(summary_table(jobs))
-    done = [j for j in jobs if j.result is not None]
-    bars = sum(j.result.bars for j in done)
-    tokens = sum(j.result.generated_tokens for j in done)
-    print(
-        f"{out}: {len(done)} of {len(jobs)} songs arranged, {bars} bars, "
-        f"{sum(j.result.notes for j in done)} notes, {elapsed:.1f} s, "
-        f"{tokens / elapsed if elapsed > 0 else 0.0:.1f} tokens/s"
-    )
-    return EXIT_SOME_FAILED if len(done) < len(jobs) else 0
+    print(batch_summary(out, jobs, time.perf_counter() - started))
+    return EXIT_SOME_FAILED if any(j.error for j in jobs) else 0
