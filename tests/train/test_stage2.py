@@ -36,9 +36,9 @@ TOTAL = 8
 
 def overrides(data_dir, out_dir="runs/unused", *extra) -> list[str]:
     return [
-        f"stage1.data_dir={data_dir}",
-        "stage1.synthetic_songs=4",
-        "stage1.audio_input=features",
+        f"data.data_dir={data_dir}",
+        "data.synthetic_songs=4",
+        "data.audio_input=features",
         "qformer.num_hidden_layers=2",
         "musecoco.num_hidden_layers=1",
         "stage2.train.global_batch_size=8",
