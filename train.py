@@ -136,9 +136,9 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
         out_dir = load_config(args.config, overrides).train.out_dir
         overrides += [
-            "stage1.dataset=synthetic",
-            f"stage1.synthetic_songs={args.synthetic}",
-            f"stage1.data_dir={out_dir}/synthetic-data",
+            "data.dataset=synthetic",
+            f"data.synthetic_songs={args.synthetic}",
+            f"data.data_dir={out_dir}/synthetic-data",
         ]
     return overrides
 
@@ -182,7 +182,7 @@ def eval_main(args: argparse.Namespace) -> int:
     data = stage1.load_split(config, "test")
     model = evaluate.load_model(config, args.checkpoint)
     report = evaluate.evaluate_retrieval(
-        model, data, options, deperf=config.stage1.deperf, compute_dtype=config.train.compute_dtype
+        model, data, options, deperf=config.data.deperf, compute_dtype=config.train.compute_dtype
     )
     report["checkpoint"] = str(args.checkpoint)
     report["config"] = config.to_dict()

@@ -79,7 +79,7 @@ def paper_step_flops() -> float:
         Path(__file__).parents[1] / "configs" / "paper.yaml",
         [
             'mesh.shape={"data": 1, "fsdp": 1, "tensor": 1}',
-            "stage1.audio_input=features",
+            "data.audio_input=features",
             "train.global_batch_size=128",
             "train.compute_dtype=bfloat16",
         ],

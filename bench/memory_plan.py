@@ -68,7 +68,7 @@ def worker(preset: str, mode: str, batch: int, remat: bool) -> dict:
         ROOT / "configs" / "paper.yaml",
         [
             f"mesh.shape={json.dumps(shape)}",
-            f"stage1.audio_input={mode}",
+            f"data.audio_input={mode}",
             f"train.global_batch_size={batch}",
             "train.compute_dtype=bfloat16",
             f"qformer.remat={str(remat).lower()}",

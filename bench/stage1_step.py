@@ -227,7 +227,7 @@ OFFICIAL_OVERRIDES = (
     "musicgen.ffn_dim=1024",
     "musicgen.num_hidden_layers=6",
     "musicgen.keep_layers=4",
-    "stage1.audio_input=codes",
+    "data.audio_input=codes",
     "stage1.field_mean=official",
     "stage1.dropout=true",
     "train.compute_dtype=float32",
@@ -385,8 +385,8 @@ def official_preset(args) -> None:
             "mini",
             [
                 *OFFICIAL_OVERRIDES,
-                f"stage1.data_dir={Path(tmp) / 'corpus'}",
-                "stage1.synthetic_songs=8",
+                f"data.data_dir={Path(tmp) / 'corpus'}",
+                "data.synthetic_songs=8",
                 f"train.global_batch_size={args.batch}",
             ],
         )
@@ -491,14 +491,14 @@ def main() -> None:
         for name in args.configs:
             corpus = Path(tmp) / "corpus"
             base = [
-                f"stage1.data_dir={corpus}",
-                "stage1.synthetic_songs=8",
+                f"data.data_dir={corpus}",
+                "data.synthetic_songs=8",
                 f"train.global_batch_size={args.batch}",
                 f"train.compute_dtype={dtype}",
-                "stage1.random_musicgen=true",  # step speed: the weights' values do not matter
+                "data.random_musicgen=true",  # step speed: the weights' values do not matter
             ]
             for mode in ("features", "codes"):
-                cfg = load_config(name, [*base, f"stage1.audio_input={mode}"])
+                cfg = load_config(name, [*base, f"data.audio_input={mode}"])
                 split = stage1.load_split(cfg, "train")
                 local = next(stage1.train_data(cfg, split)(0, 1))
                 result = jax_step_rate(cfg, local, args.steps, args.repeats)

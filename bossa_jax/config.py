@@ -363,8 +363,9 @@ class TrainConfig(Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class Stage1Config(Section):
-    """Stage-1 data and objective (SPEC 3, 6, 7; run by ``bossa_jax.train.stage1``).
+class DataConfig(Section):
+    """The corpus and its pipeline, one section for both training stages (SPEC 6, 7; read by
+    ``bossa_jax.train.stage1`` and ``bossa_jax.train.stage2``).
 
     ``audio_input``: "codes" = EnCodec codes in the batch, the frozen MusicGen runs inside the
     step (bf16, no gradient); "features" = cached MusicGen features in the batch (no MusicGen in
@@ -372,19 +373,16 @@ class Stage1Config(Section):
     or manifest .jsonl) or synthetic (a small generated corpus under ``data_dir``). ``codes_dir``:
     the per-song codes store; ``feature_cache_dir``: per-split feature caches (built from the codes
     with ``musicgen_checkpoint`` when missing; in codes mode it also initialises the frozen
-    MusicGen; codes mode without one (or an ``init_from`` holding MusicGen) is refused unless
-    ``random_musicgen`` asks for random MusicGen weights, for smoke runs). ``qformer_init``: a
-    Q-Former checkpoint (``python -m convert.musicbert``) to start
-    from; ``init_from``: a stage-1 checkpoint (``convert.bossa`` / ``save_stage1``) to start from
-    (not both). ``eval_batches``: validation batches per eval. ``feature_dtype``: how a new feature
-    cache stores the features (bfloat16, float16 or float32; batches carry that dtype).
+    MusicGen; codes mode without one (or a stage's ``init_from`` holding MusicGen) is refused
+    unless ``random_musicgen`` asks for random MusicGen weights, for smoke runs).
+    ``feature_dtype``: how a new feature cache stores the features (bfloat16, float16 or float32;
+    batches carry that dtype).
 
-    Official behaviour (``configs/official.yaml`` sets all of it): ``field_mean`` the ITG per-field
-    mean, "valid" (default: over the valid targets) or "official" (over every slot, SPEC 10.13);
-    ``keep_eos`` True keeps the EOS octuple when a window's notes overflow the sequence, False is
-    the official plain cut (SPEC 11.11); ``clamp_clips`` True clamps training clips into the song,
-    False is the official slice whose negative start gives an empty clip (SPEC 10.12);
-    ``transpose`` applies to validation too, as in the official code (SPEC 10.6).
+    Official behaviour (``configs/official.yaml`` sets all of it): ``keep_eos`` True keeps the EOS
+    octuple when a window's notes overflow the sequence, False is the official plain cut (SPEC
+    11.11); ``clamp_clips`` True clamps training clips into the song, False is the official slice
+    whose negative start gives an empty clip (SPEC 10.12); ``transpose`` applies to validation
+    too, as in the official code (SPEC 10.6).
     """
 
     audio_input: str = option("codes", one_of("codes", "features"))
@@ -397,19 +395,39 @@ class Stage1Config(Section):
     feature_dtype: str = option("bfloat16", one_of("bfloat16", "float16", "float32"))
     musicgen_checkpoint: str = ""
     random_musicgen: bool = False
-    qformer_init: str = ""
-    init_from: str = ""
     synthetic_songs: int = option(8, POSITIVE)
     synthetic_bars: int = option(16, POSITIVE)
     transpose: bool = option(True, official=True)
     deperf: bool = option(True, official=True)
-    field_mean: str = option("valid", one_of("valid", "official"), official="official")
     keep_eos: bool = option(True, official=False)
     clamp_clips: bool = option(True, official=False)
-    dropout: bool = option(True, official=True)
-    eval_batches: int = option(2, NON_NEGATIVE)
     num_threads: int = option(2, POSITIVE)
     prefetch: int = option(4, NON_NEGATIVE)
+
+
+# the data settings both stages share were the ``stage1`` section's: an old config key gets a
+# one-line error naming its new place, not a generic unknown-key error
+MOVED_KEYS = {f"stage1.{f.name}": f"data.{f.name}" for f in dataclasses.fields(DataConfig)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage1Config(Section):
+    """Stage-1 initialisation and objective (SPEC 3, 7; run by ``bossa_jax.train.stage1``; its
+    data are the ``data`` section's).
+
+    ``qformer_init``: a Q-Former checkpoint (``python -m convert.musicbert``) to start from;
+    ``init_from``: a stage-1 checkpoint (``convert.bossa`` / ``save_stage1``) to start from (not
+    both). ``eval_batches``: validation batches per eval.
+
+    Official behaviour (``configs/official.yaml`` sets all of it): ``field_mean`` the ITG per-field
+    mean, "valid" (default: over the valid targets) or "official" (over every slot, SPEC 10.13).
+    """
+
+    qformer_init: str = ""
+    init_from: str = ""
+    field_mean: str = option("valid", one_of("valid", "official"), official="official")
+    dropout: bool = option(True, official=True)
+    eval_batches: int = option(2, NON_NEGATIVE)
 
     def check_relations(self, prefix: str) -> None:
         _require(
@@ -485,9 +503,8 @@ class Stage2Config(Section):
     """Stage-2 model, initialisation and training (SPEC 4, 7; run by ``bossa_jax.train.stage2``).
 
     ``train``: stage 2's own loop settings (batch 32, clipping 1.0; stage 1 uses the top-level
-    ``train``). The data settings (dataset, folders, ``audio_input``, transposition, ``deperf``,
-    ``keep_eos``, ``clamp_clips``, threads) are the ``stage1`` section's: both stages read one
-    corpus. ``init_from``: a stage-1 checkpoint (``convert.bossa`` / ``save_stage1`` / export) for
+    ``train``). Its data are the ``data`` section's (both stages read one corpus).
+    ``init_from``: a stage-1 checkpoint (``convert.bossa`` / ``save_stage1`` / export) for
     the audio LayerNorm, the Q-Former's query branch and, when it has one, MusicGen;
     ``musecoco_checkpoint``: a converted MuseCoco (``python -m convert.musecoco``). Unset, those
     parts stay randomly initialised (smoke runs only; a warning says so). ``trainable``:
@@ -549,6 +566,7 @@ class Config(Section):
     qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     stage1: Stage1Config = dataclasses.field(default_factory=Stage1Config)
     musecoco: MuseCocoConfig = dataclasses.field(default_factory=MuseCocoConfig)
     stage2: Stage2Config = dataclasses.field(default_factory=Stage2Config)
@@ -562,8 +580,8 @@ class Config(Section):
         if self.audio.frontend == "mel":
             width_key, width = "audio.n_mels", self.audio.n_mels
             _require(
-                self.stage1.audio_input == "features",
-                _join(prefix, "stage1.audio_input"),
+                self.data.audio_input == "features",
+                _join(prefix, "data.audio_input"),
                 "must be 'features' with audio.frontend=mel (codes feed MusicGen)",
             )
         else:
@@ -682,6 +700,9 @@ def build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
+            moved = MOVED_KEYS.get(_join(prefix, str(key)))
+            if moved is not None:
+                raise ConfigError(f"config key '{_join(prefix, str(key))}' moved to '{moved}'")
             raise ConfigError(
                 f"unknown config key '{_join(prefix, str(key))}' "
                 f"(known: {', '.join(sorted(names))})"
@@ -783,7 +804,7 @@ def _key_type(parts: Sequence[str]) -> Any:
 
 def _override_value(key: str, raw: str) -> Any:
     """An override's value: YAML, except that a string field takes the text as it is when it is
-    not a YAML string (``name=123``, ``stage1.data_dir=[a``); YAML that does not parse is an error
+    not a YAML string (``name=123``, ``data.data_dir=[a``); YAML that does not parse is an error
     for every other field."""
     try:
         value = yaml.safe_load(raw)
@@ -809,6 +830,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         key = key.strip()
         if not key or "" in key.split("."):
             raise ConfigError(f"override {item!r} has an empty key")
+        if key in MOVED_KEYS:
+            raise ConfigError(f"config key '{key}' moved to '{MOVED_KEYS[key]}'")
         value = _override_value(key, raw)
         node = nested
         parts = key.split(".")

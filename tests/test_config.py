@@ -149,7 +149,7 @@ def _one_line_error(path=None, overrides=()) -> str:
         ("encodec.upsampling_ratios=[8, 0]", "encodec.upsampling_ratios[1]", "> 0"),
         ("mesh.shape.fsdp=-2", "mesh.shape.fsdp", "-1"),
         ("train.seed=-1", "train.seed", "0..2**32-1"),
-        ("stage1.prefetch=-1", "stage1.prefetch", ">= 0"),
+        ("data.prefetch=-1", "data.prefetch", ">= 0"),
         ("stage1.field_mean=mean", "stage1.field_mean", "'valid', 'official'"),
     ],
 )
@@ -216,10 +216,10 @@ def test_unparsable_override_names_the_key(override, key):
 
 def test_string_fields_take_plain_text():
     cfg = load_config(
-        "tiny", ["stage1.data_dir=[odd", "name=123", "train.out_dir=runs/a: b", "stage1.codes_dir="]
+        "tiny", ["data.data_dir=[odd", "name=123", "train.out_dir=runs/a: b", "data.codes_dir="]
     )
-    assert (cfg.stage1.data_dir, cfg.name, cfg.train.out_dir) == ("[odd", "123", "runs/a: b")
-    assert cfg.stage1.codes_dir == ""
+    assert (cfg.data.data_dir, cfg.name, cfg.train.out_dir) == ("[odd", "123", "runs/a: b")
+    assert cfg.data.codes_dir == ""
     assert load_config("tiny", ["name='quoted'"]).name == "quoted"
 
 
@@ -280,7 +280,7 @@ def test_official_preset_sets_every_official_option():
     """Every field that selects official behaviour (declared with ``official=``) is set in
     official.yaml itself, to its official value; a new option without an entry fails here."""
     options = official_options()
-    assert {"stage1.field_mean", "stage1.keep_eos", "stage1.clamp_clips"} <= set(options)
+    assert {"stage1.field_mean", "data.keep_eos", "data.clamp_clips"} <= set(options)
     raw = read_yaml(CONFIG_DIR / "official.yaml")
     text = yaml.safe_load((CONFIG_DIR / "official.yaml").read_text())
     cfg = load_config("official")
@@ -309,3 +309,16 @@ def _sections(cls):
         if dataclasses.is_dataclass(hints[field.name]):
             yield hints[field.name]
             yield from _sections(hints[field.name])
+
+
+@pytest.mark.parametrize("key", ["data_dir", "audio_input", "synthetic_songs", "keep_eos"])
+def test_moved_data_keys_name_their_new_place(tmp_path, key):
+    """The data settings both stages share moved from ``stage1`` to ``data`` (issue 9): an old
+    key, in a file or an override, names its new place."""
+    path = tmp_path / "old.yaml"
+    path.write_text(f"include: {CONFIG_DIR / 'tiny.yaml'}\nstage1:\n  {key}: x\n")
+    expected = f"config key 'stage1.{key}' moved to 'data.{key}'"
+    assert _one_line_error(path) == expected
+    assert _one_line_error("tiny", [f"stage1.{key}=[x"]) == expected
+    # the stage-specific settings stay where they were
+    assert load_config("tiny", ["stage1.eval_batches=3"]).stage1.eval_batches == 3

@@ -142,7 +142,7 @@ def test_ctrl_c_while_stage1_builds_the_model(tmp_path):
     for i in range(CHILDREN):
         out = tmp_path / f"run{i}"
         cmd = [sys.executable, str(ROOT / "train.py"), "stage1", "--config",
-               str(ROOT / "configs/tiny.yaml"), f"stage1.data_dir={corpus}",
+               str(ROOT / "configs/tiny.yaml"), f"data.data_dir={corpus}",
                f"train.out_dir={out}", "train.global_batch_size=4", "train.eval_every=0",
                "qformer.num_hidden_layers=2", "musicgen.keep_layers=1"]  # fmt: skip
         proc = _start(cmd, _env(tmp_path), tmp_path)

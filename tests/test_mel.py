@@ -23,7 +23,7 @@ MEL = [
     "audio.frontend=mel",
     f"audio.n_mels={N_MELS}",
     f"qformer.encoder_width={N_MELS}",
-    "stage1.audio_input=features",
+    "data.audio_input=features",
 ]
 
 
@@ -94,11 +94,9 @@ def test_clip_window_matches_the_codes_window_and_is_deterministic(cfg, tmp_path
 
 def test_config_ties_the_qformer_width_to_the_front_end():
     with pytest.raises(ConfigError, match="qformer.encoder_width.*audio.n_mels"):
-        load_config("tiny", ["audio.frontend=mel", "stage1.audio_input=features"])
-    with pytest.raises(ConfigError, match="stage1.audio_input"):
-        load_config(
-            "tiny", [m for m in MEL if "audio_input" not in m] + ["stage1.audio_input=codes"]
-        )
+        load_config("tiny", ["audio.frontend=mel", "data.audio_input=features"])
+    with pytest.raises(ConfigError, match="data.audio_input"):
+        load_config("tiny", [m for m in MEL if "audio_input" not in m] + ["data.audio_input=codes"])
     with pytest.raises(ConfigError, match="audio.frontend"):
         load_config("tiny", ["audio.frontend=spectrogram"])
     with pytest.raises(ConfigError, match="audio.n_mels"):
@@ -135,10 +133,10 @@ def test_stage1_features_path_trains_on_mel_frames(tmp_path):
         "tiny",
         [
             *MEL,
-            "stage1.dataset=manifest",
-            f"stage1.data_dir={manifest}",
-            f"stage1.feature_cache_dir={tmp_path / 'cache'}",
-            "stage1.feature_dtype=float32",
+            "data.dataset=manifest",
+            f"data.data_dir={manifest}",
+            f"data.feature_cache_dir={tmp_path / 'cache'}",
+            "data.feature_dtype=float32",
             "train.global_batch_size=2",
         ],
     )

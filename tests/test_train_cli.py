@@ -197,8 +197,8 @@ NO_RUN = "train.out_dir=/nonexistent/run"  # not a run folder a developer may ha
             "exclude each other",
         ),
         (
-            ["stage1", "--config", "configs/tiny.yaml", "stage1.random_musicgen=false", NO_RUN],
-            "stage1.musicgen_checkpoint",
+            ["stage1", "--config", "configs/tiny.yaml", "data.random_musicgen=false", NO_RUN],
+            "data.musicgen_checkpoint",
         ),
         (["stage1", "--config", "configs/tiny.yaml", "train.global_batch_size=6"], "not divisible"),
         (
@@ -206,8 +206,8 @@ NO_RUN = "train.out_dir=/nonexistent/run"  # not a run folder a developer may ha
                 "stage1",
                 "--config",
                 "configs/tiny.yaml",
-                "stage1.dataset=pop909",
-                "stage1.data_dir=/nonexistent/pop909",
+                "data.dataset=pop909",
+                "data.data_dir=/nonexistent/pop909",
                 NO_RUN,
             ],
             "/nonexistent/pop909 not found",

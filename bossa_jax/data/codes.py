@@ -5,7 +5,7 @@
 decodes each song's whole audio (mono, resampled to 32 kHz by :func:`bossa_jax.audio.load_clip`)
 and encodes it with the converted EnCodec (``python -m convert.encodec``) into a codes store
 (:func:`bossa_jax.data.feature_cache.build_codes_store`: resumable, an interrupted run continues
-where it stopped). Flags left out come from the config's ``stage1`` section. ``--out`` must be new,
+where it stopped). Flags left out come from the config's ``data`` section. ``--out`` must be new,
 an empty folder or a codes store (checked before any work); ``--verbose`` shows the libraries' log
 messages (orbax, absl), which are otherwise kept off the terminal.
 
@@ -92,7 +92,7 @@ def encodec_encoder(checkpoint: str | Path) -> tuple[Callable[[np.ndarray], np.n
 
 def song_sources(dataset: str, data_dir: str, audio_dir: str) -> list[readers.SongSource]:
     if not data_dir:
-        raise ConfigError("--data-dir (config key 'stage1.data_dir'): not set")
+        raise ConfigError("--data-dir (config key 'data.data_dir'): not set")
     audio_root = audio_dir or None
     if dataset == "pop909":
         return readers.pop909_sources(data_dir, audio_root)
@@ -191,24 +191,24 @@ def check_store_output(out: str | Path, sources: Sequence[str]) -> None:
 def main(argv: Sequence[str]) -> int:
     parser = ArgumentParser(
         prog="python -m bossa_jax.data.codes",
-        description="Per-song EnCodec codes store from a corpus's audio (stage1.codes_dir).",
+        description="Per-song EnCodec codes store from a corpus's audio (data.codes_dir).",
     )
-    parser.add_argument("--config", default=None, help="config (stage1 section gives defaults)")
+    parser.add_argument("--config", default=None, help="config (data section gives defaults)")
     parser.add_argument("--encodec", required=True, help="checkpoint of python -m convert.encodec")
     parser.add_argument("--dataset", choices=("pop909", "piast", "manifest"), default=None)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--audio-dir", default=None)
-    parser.add_argument("--out", default=None, help="codes store folder (default stage1.codes_dir)")
+    parser.add_argument("--out", default=None, help="codes store folder (default data.codes_dir)")
     parser.add_argument("--chunk-seconds", type=float, default=DEFAULT_CHUNK_SECONDS)
     parser.add_argument("--verbose", action="store_true", help="show libraries' log messages")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    cfg = load_config(args.config, args.overrides).stage1
+    cfg = load_config(args.config, args.overrides).data
     dataset = args.dataset or cfg.dataset
     out = args.out or cfg.codes_dir
     if not out:
-        raise ConfigError("--out (config key 'stage1.codes_dir'): not set")
+        raise ConfigError("--out (config key 'data.codes_dir'): not set")
     check_chunk_seconds(args.chunk_seconds)
     data_dir = args.data_dir if args.data_dir is not None else cfg.data_dir
     audio_dir = args.audio_dir if args.audio_dir is not None else cfg.audio_dir

@@ -98,9 +98,9 @@ def _similarity(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.A
 MODEL_KEYS = (
     "qformer",
     "musicgen",
-    "stage1.audio_input",
-    "stage1.musicgen_checkpoint",
-    "stage1.random_musicgen",
+    "data.audio_input",
+    "data.musicgen_checkpoint",
+    "data.random_musicgen",
     "stage1.init_from",
     "train.seed",
     "train.compute_dtype",

@@ -4,7 +4,7 @@ and its data (SPEC 3, 6, 7, 11.7; DESIGN "Trainable vs frozen", "Precision", "Ba
 The step is the generic one of :mod:`bossa_jax.train.step` with the stage-1 losses
 (:func:`~bossa_jax.models.bossa.stage1_loss_fn`: ITC + ITM + ITG, the 8 per-field LM losses and the
 temperature as metrics) and the one trainable filter :data:`~bossa_jax.models.bossa.TRAINABLE`
-(everything but MusicGen). Two ways to get the audio side (``stage1.audio_input``):
+(everything but MusicGen). Two ways to get the audio side (``data.audio_input``):
 
 * ``codes``: EnCodec codes (B, 4, 508) in the batch; the frozen MusicGen runs inside the step,
   stored and computed in bf16 when ``train.compute_dtype`` is bf16, under ``stop_gradient`` and
@@ -42,7 +42,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bossa_jax import checkpoint, sharding
-from bossa_jax.config import Config, MusicgenConfig, QFormerConfig, Stage1Config
+from bossa_jax.config import Config, DataConfig, MusicgenConfig, QFormerConfig, Stage1Config
 from bossa_jax.data import feature_cache as fc
 from bossa_jax.data import pipeline as pl
 from bossa_jax.data import readers, synthetic
@@ -77,12 +77,12 @@ SPLIT_FILE = "split.json"  # of a synthetic corpus
 
 
 # --- model and loss -----------------------------------------------------------------------------
-def audio_key(cfg: Stage1Config) -> str:
+def audio_key(cfg: DataConfig) -> str:
     """The batch field that carries the audio: ``codes`` or ``features``."""
     return "codes" if cfg.audio_input == "codes" else "features"
 
 
-def model_keys(cfg: Stage1Config, stage: int = 1) -> tuple[str, ...]:
+def model_keys(cfg: DataConfig, stage: int = 1) -> tuple[str, ...]:
     """The batch fields the step of ``stage`` consumes (bookkeeping fields are dropped)."""
     symbolic = SYMBOLIC_KEYS if stage == 1 else STAGE2_SYMBOLIC_KEYS
     return (*symbolic, "audio_mask", audio_key(cfg))
@@ -91,7 +91,7 @@ def model_keys(cfg: Stage1Config, stage: int = 1) -> tuple[str, ...]:
 def frozen_musicgen_config(config: Config, compute: jnp.dtype) -> MusicgenConfig | None:
     """MusicGen's config in codes mode (bf16 under a bf16 compute dtype: frozen, no fp32
     master copy needed); None in features mode (no MusicGen in the step). Both stages."""
-    if config.stage1.audio_input != "codes":
+    if config.data.audio_input != "codes":
         return None
     dtype = "bfloat16" if compute == jnp.bfloat16 else config.musicgen.dtype
     return dataclasses.replace(config.musicgen, dtype=dtype)
@@ -164,9 +164,9 @@ def init_fn(config: Config) -> Callable[[Stage1Model], Stage1Model]:
 
     ``stage1.init_from`` (a stage-1 checkpoint) fills the whole model (MusicGen too when the
     checkpoint has it); ``stage1.qformer_init`` (``python -m convert.musicbert``) fills the
-    Q-Former, the heads keep their fresh init (SPEC 2.3); ``stage1.musicgen_checkpoint`` fills the
+    Q-Former, the heads keep their fresh init (SPEC 2.3); ``data.musicgen_checkpoint`` fills the
     frozen MusicGen in codes mode. Codes mode without any MusicGen source is a ConfigError unless
-    ``stage1.random_musicgen`` asks for random weights (smoke runs; a warning says so).
+    ``data.random_musicgen`` asks for random weights (smoke runs; a warning says so).
     """
     cfg = config.stage1
 
@@ -187,7 +187,7 @@ def init_fn(config: Config) -> Callable[[Stage1Model], Stage1Model]:
                 source = _load_qformer(path)
             write_params(model.qformer, source, str(path))
             log.info("initialised the Q-Former from %s", path)
-        init_musicgen(model.musicgen, cfg, musicgen_loaded)
+        init_musicgen(model.musicgen, config.data, musicgen_loaded)
         return model
 
     return init
@@ -195,18 +195,20 @@ def init_fn(config: Config) -> Callable[[Stage1Model], Stage1Model]:
 
 def _no_musicgen_error() -> ConfigError:
     return ConfigError(
-        "config key 'stage1.musicgen_checkpoint': not set; codes mode runs the frozen MusicGen: "
+        "config key 'data.musicgen_checkpoint': not set; codes mode runs the frozen MusicGen: "
         "give a converted MusicGen (python -m convert.musicgen) or a stage-1 init_from that holds "
-        "one, or set stage1.random_musicgen=true for random weights (smoke runs only)"
+        "one, or set data.random_musicgen=true for random weights (smoke runs only)"
     )
 
 
-def check_musicgen_source(config: Config) -> None:
-    """Codes mode needs MusicGen weights or an explicit ``stage1.random_musicgen`` (checked
-    before any data is read; an ``init_from`` without MusicGen is caught when it is loaded)."""
-    cfg = config.stage1
+def check_musicgen_source(config: Config, init_from: str | None = None) -> None:
+    """Codes mode needs MusicGen weights or an explicit ``data.random_musicgen`` (checked
+    before any data is read; an ``init_from`` without MusicGen is caught when it is loaded).
+    ``init_from``: the stage's checkpoint (default ``stage1.init_from``)."""
+    cfg = config.data
+    init_from = config.stage1.init_from if init_from is None else init_from
     if cfg.audio_input == "codes" and not (
-        cfg.musicgen_checkpoint or cfg.init_from or cfg.random_musicgen
+        cfg.musicgen_checkpoint or init_from or cfg.random_musicgen
     ):
         raise _no_musicgen_error()
 
@@ -219,14 +221,16 @@ def build_model(config: Config) -> Stage1Model:
     return init_fn(config)(sharding.create_sharded(model_fn(config)))
 
 
-def init_musicgen(musicgen: nnx.Module | None, cfg: Stage1Config, loaded: bool) -> None:
-    """Codes mode: fills the frozen MusicGen from ``stage1.musicgen_checkpoint`` (both stages).
+def init_musicgen(musicgen: nnx.Module | None, cfg: DataConfig, loaded: bool) -> None:
+    """Codes mode: fills the frozen MusicGen from ``data.musicgen_checkpoint`` (both stages).
     Without one (and ``loaded`` False: no checkpoint gave it) it stays random only when
-    ``stage1.random_musicgen`` says so, with a warning; otherwise a one-line ConfigError."""
+    ``data.random_musicgen`` says so, with a warning; otherwise a one-line ConfigError."""
     if musicgen is None:
         return
     if cfg.musicgen_checkpoint:
-        path = _require_path(cfg.musicgen_checkpoint, "musicgen_checkpoint", "converted MusicGen")
+        path = _require_path(
+            cfg.musicgen_checkpoint, "musicgen_checkpoint", "converted MusicGen", "data"
+        )
         from bossa_jax.models.musicgen import load_musicgen
 
         with _host_loading():
@@ -237,7 +241,7 @@ def init_musicgen(musicgen: nnx.Module | None, cfg: Stage1Config, loaded: bool) 
         if not cfg.random_musicgen:
             raise _no_musicgen_error()
         log.warning(
-            "stage1.random_musicgen: MusicGen is randomly initialised (fine for smoke runs only)"
+            "data.random_musicgen: MusicGen is randomly initialised (fine for smoke runs only)"
         )
 
 
@@ -282,11 +286,11 @@ def batch_spec(config: Config, global_batch: int) -> dict[str, jax.ShapeDtypeStr
         "pad_mask": jax.ShapeDtypeStruct((global_batch, notes), jnp.float32),
         "audio_mask": jax.ShapeDtypeStruct((global_batch, steps), jnp.float32),
     }
-    if config.stage1.audio_input == "codes":
+    if config.data.audio_input == "codes":
         spec["codes"] = jax.ShapeDtypeStruct((global_batch, 4, frames), jnp.int32)
     else:
         width = config.qformer.encoder_width
-        dtype = jnp.dtype(config.stage1.feature_dtype)
+        dtype = jnp.dtype(config.data.feature_dtype)
         spec["features"] = jax.ShapeDtypeStruct((global_batch, steps, width), dtype)
     return spec
 
@@ -376,18 +380,18 @@ def _require_path(value: str, key: str, what: str, section: str = "stage1") -> P
 
 
 def _sources(
-    cfg: Stage1Config, need_codes: bool = True
+    cfg: DataConfig, need_codes: bool = True
 ) -> tuple[list[readers.SongSource], Path | None, Path | None]:
     """(song sources, split file or None, codes store folder or None when not ``need_codes``)
     of the configured dataset."""
     if cfg.dataset == "synthetic":
         root = Path(cfg.data_dir) if cfg.data_dir else None
         if root is None:
-            raise ConfigError("config key 'stage1.data_dir': not set; give the corpus folder")
+            raise ConfigError("config key 'data.data_dir': not set; give the corpus folder")
         write_synthetic_corpus(root, cfg.synthetic_songs, cfg.synthetic_bars)
         sources = readers.pop909_sources(root / "pop909", root / "audio")
         return sources, root / SPLIT_FILE, root / "codes"
-    data = _require_path(cfg.data_dir, "data_dir", f"{cfg.dataset} data")
+    data = _require_path(cfg.data_dir, "data_dir", f"{cfg.dataset} data", "data")
     audio = Path(cfg.audio_dir) if cfg.audio_dir else None
     if cfg.dataset == "pop909":
         sources = readers.pop909_sources(data, audio)
@@ -397,20 +401,22 @@ def _sources(
         sources, _ = readers.manifest_sources(data, log)
     split_file = None
     if cfg.split_file:
-        split_file = _require_path(cfg.split_file, "split_file", "split file")
+        split_file = _require_path(cfg.split_file, "split_file", "split file", "data")
     if not need_codes:
         return sources, split_file, None
-    codes = _require_path(cfg.codes_dir, "codes_dir", "per-song EnCodec codes store")
+    codes = _require_path(cfg.codes_dir, "codes_dir", "per-song EnCodec codes store", "data")
     return sources, split_file, codes
 
 
 def _feature_fn(config: Config) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     """(codes (b, 4, 508) -> features (b, 512, D), compute id) for building a feature cache."""
-    cfg = config.stage1
+    cfg = config.data
     width = config.qformer.encoder_width
     if cfg.dataset == "synthetic" and not cfg.musicgen_checkpoint:
         return (lambda codes: synthetic.fake_features(codes, dim=width)), f"synthetic-{width}"
-    path = _require_path(cfg.musicgen_checkpoint, "musicgen_checkpoint", "converted MusicGen")
+    path = _require_path(
+        cfg.musicgen_checkpoint, "musicgen_checkpoint", "converted MusicGen", "data"
+    )
     from bossa_jax.features import features_step
     from bossa_jax.models.musicgen import load_musicgen
 
@@ -456,7 +462,7 @@ def check_fills_batch(
 def load_split(config: Config, split: str) -> Stage1Split:
     """Reads the songs of ``split``, their codes, the window index and the audio source (features
     mode: the split's feature cache, built on first use)."""
-    cfg = config.stage1
+    cfg = config.data
     if config.audio.frontend == "mel":
         return _load_mel_split(config, split)
     sources, split_file, codes_dir = _sources(cfg)
@@ -487,13 +493,13 @@ def load_split(config: Config, split: str) -> Stage1Split:
 
 
 def _cache_root(config: Config, split: str, synthetic_name: str) -> Path:
-    cfg = config.stage1
+    cfg = config.data
     if cfg.feature_cache_dir:
         return Path(cfg.feature_cache_dir) / split
     if cfg.dataset == "synthetic":
         return Path(cfg.data_dir) / synthetic_name / split
     raise ConfigError(
-        "config key 'stage1.feature_cache_dir': not set; audio_input=features needs a cache"
+        "config key 'data.feature_cache_dir': not set; audio_input=features needs a cache"
     )
 
 
@@ -502,9 +508,9 @@ def _existing_cache(config: Config, cache_root: Path) -> fc.FeatureCache | None:
     if not (cache_root / fc.MANIFEST).is_file():
         return None
     cache = fc.FeatureCache(cache_root)
-    if cache.dtype != np.dtype(fc.dtype_of(config.stage1.feature_dtype)):
+    if cache.dtype != np.dtype(fc.dtype_of(config.data.feature_dtype)):
         raise ConfigError(
-            f"config key 'stage1.feature_dtype': {config.stage1.feature_dtype}, but the feature "
+            f"config key 'data.feature_dtype': {config.data.feature_dtype}, but the feature "
             f"cache {cache_root} stores {cache.dtype}; set the key to match or use another folder"
         )
     return cache
@@ -516,7 +522,7 @@ def _load_mel_split(config: Config, split: str) -> Stage1Split:
     (bossa_jax.mel), computed from the songs' audio files on first use."""
     from bossa_jax import mel
 
-    cfg = config.stage1
+    cfg = config.data
     sources, split_file, _ = _sources(cfg, need_codes=False)
     records, _ = readers.read_songs(
         sources, split=split, split_file=split_file, require_audio=True, logger=log
@@ -572,7 +578,7 @@ def make_pipeline(
     """This process's pipeline of ``stage`` over ``data``: training repeats forever with the
     run's seed; evaluation reads one epoch with a fixed seed. The global batch defaults to
     ``config.train``'s (stage 2 passes a config whose ``train`` is ``stage2.train``)."""
-    cfg = config.stage1
+    cfg = config.data
     options = pl.PipelineOptions(
         stage=stage,
         global_batch_size=global_batch or config.train.global_batch_size,
@@ -590,7 +596,7 @@ def make_pipeline(
 
 
 def train_data(config: Config, data: Stage1Split, stage: int = 1) -> loop.DataFactory:
-    keys = model_keys(config.stage1, stage)
+    keys = model_keys(config.data, stage)
 
     def factory(process_index: int, process_count: int) -> ModelFields:
         pipe = make_pipeline(config, data, process_index, process_count, stage=stage)
@@ -602,7 +608,7 @@ def train_data(config: Config, data: Stage1Split, stage: int = 1) -> loop.DataFa
 def eval_data(
     config: Config, data: Stage1Split, stage: int = 1, eval_batches: int | None = None
 ) -> loop.EvalFactory:
-    keys = model_keys(config.stage1, stage)
+    keys = model_keys(config.data, stage)
     eval_batches = config.stage1.eval_batches if eval_batches is None else eval_batches
 
     def factory(process_index: int, process_count: int) -> Iterator[dict[str, np.ndarray]]:

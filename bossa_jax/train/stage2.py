@@ -10,15 +10,15 @@ LayerNorm + LoRA + projection, or the paper's LoRA + projection). The loop is st
 resume, SIGTERM/SIGINT, metrics JSONL + TensorBoard) run with ``stage2.train`` as its ``train``
 section: global batch 32 and global-norm clipping 1.0 by default (SPEC 7).
 
-Data are stage 1's corpus, readers, codes store and feature caches (the ``stage1`` section's data
-settings), through the stage-2 pipeline (``tokens``, ``control_mask``, ``pad_mask``, SPEC 6.5).
-Audio in codes mode runs the frozen MusicGen inside the step, as in stage 1; in features mode the
-model has no MusicGen.
+Data are stage 1's corpus, readers, codes store and feature caches (the ``data`` section, shared
+by both stages), through the stage-2 pipeline (``tokens``, ``control_mask``, ``pad_mask``, SPEC
+6.5). Audio in codes mode runs the frozen MusicGen inside the step, as in stage 1; in features
+mode the model has no MusicGen.
 
 Initialisation (:func:`init_fn`): ``stage2.init_from`` (a stage-1 checkpoint) fills the audio
 LayerNorm, the Q-Former's query branch (its symbolic parameters are not used) and MusicGen when
 the checkpoint has it; ``stage2.musecoco_checkpoint`` fills MuseCoco (and its LoRA when the
-checkpoint has adapters; otherwise they keep their init, B = 0); ``stage1.musicgen_checkpoint``
+checkpoint has adapters; otherwise they keep their init, B = 0); ``data.musicgen_checkpoint``
 fills MusicGen in codes mode. Whatever is not given stays random, with a warning: a smoke run
 (``train.py stage2 --config configs/tiny.yaml``) needs no checkpoint at all.
 """
@@ -146,7 +146,7 @@ def init_fn(config: Config) -> Callable[[Stage2Model], Stage2Model]:
                 "stage2.musecoco_checkpoint is not set: MuseCoco is randomly initialised "
                 "(fine for smoke runs only)"
             )
-        init_musicgen(model.musicgen, config.stage1, musicgen_loaded)
+        init_musicgen(model.musicgen, config.data, musicgen_loaded)
         return model
 
     return init
@@ -241,7 +241,7 @@ def run(
         except ConfigError as err:  # the loop names its own section: name stage 2's
             raise ConfigError(str(err).replace("'train.", "'stage2.train.", 1)) from err
     loop.check_run_dir(train_cfg.out_dir, resume=resume, overwrite=overwrite)
-    check_musicgen_source(config)
+    check_musicgen_source(config, config.stage2.init_from)
     train_split = load_split(run_config, "train")
     evaluate = train_cfg.eval_every > 0 and config.stage2.eval_batches > 0
     validation = load_split(run_config, "validation") if evaluate else None

@@ -68,9 +68,9 @@ def tiny(tmp_path_factory):
     cfg = load_config(
         "tiny",
         [
-            f"stage1.data_dir={root}",
-            "stage1.synthetic_songs=5",  # 1 test song: 6 windows
-            "stage1.audio_input=features",
+            f"data.data_dir={root}",
+            "data.synthetic_songs=5",  # 1 test song: 6 windows
+            "data.audio_input=features",
             "qformer.num_hidden_layers=2",
         ],
     )
@@ -147,10 +147,10 @@ def codes_run(tmp_path_factory):
     cfg = load_config(
         "tiny",
         [
-            f"stage1.data_dir={tmp / 'corpus'}",
-            "stage1.synthetic_songs=5",  # 1 test song: 6 windows
-            f"stage1.musicgen_checkpoint={tmp / 'musicgen'}",
-            "stage1.random_musicgen=false",
+            f"data.data_dir={tmp / 'corpus'}",
+            "data.synthetic_songs=5",  # 1 test song: 6 windows
+            f"data.musicgen_checkpoint={tmp / 'musicgen'}",
+            "data.random_musicgen=false",
             f"train.out_dir={tmp / 'run'}",
             "train.total_steps=2",
             "train.optim.warmup_steps=1",
@@ -210,19 +210,19 @@ def test_eval_of_a_codes_run_uses_the_musicgen_it_trained_with(codes_run):
     # and a config that would build another MusicGen than the run's is refused, naming the key
     random_cfg = dataclasses.replace(
         cfg,
-        stage1=dataclasses.replace(cfg.stage1, musicgen_checkpoint="", random_musicgen=True),
+        data=dataclasses.replace(cfg.data, musicgen_checkpoint="", random_musicgen=True),
     )
     with pytest.raises(ConfigError) as err:
         evaluate.load_model(random_cfg, tmp / "run")
     message = str(err.value)
-    assert "stage1.musicgen_checkpoint" in message and "config.yaml" in message
+    assert "data.musicgen_checkpoint" in message and "config.yaml" in message
     assert "\n" not in message
 
 
 def test_codes_mode_without_musicgen_is_refused(codes_run):
     cfg, _, tmp = codes_run
     no_musicgen = dataclasses.replace(
-        cfg, stage1=dataclasses.replace(cfg.stage1, musicgen_checkpoint="", random_musicgen=False)
+        cfg, data=dataclasses.replace(cfg.data, musicgen_checkpoint="", random_musicgen=False)
     )
     for refuse in (
         stage1.check_musicgen_source,  # before any data is read (stage1.run)
@@ -232,7 +232,7 @@ def test_codes_mode_without_musicgen_is_refused(codes_run):
         with pytest.raises(ConfigError) as err:
             refuse(no_musicgen)
         message = str(err.value)
-        assert "stage1.musicgen_checkpoint" in message and "random_musicgen" in message
+        assert "data.musicgen_checkpoint" in message and "random_musicgen" in message
         assert "\n" not in message
 
 
@@ -243,9 +243,8 @@ def test_export_round_trips_through_init_from(codes_run):
     # a new run started from the export: no MusicGen source but the exported checkpoint
     from_export = dataclasses.replace(
         cfg,
-        stage1=dataclasses.replace(
-            cfg.stage1, init_from=str(out), musicgen_checkpoint="", random_musicgen=False
-        ),
+        stage1=dataclasses.replace(cfg.stage1, init_from=str(out)),
+        data=dataclasses.replace(cfg.data, musicgen_checkpoint="", random_musicgen=False),
     )
     mesh = sharding.make_mesh(cfg.mesh)
     with sharding.use_mesh(mesh, sharding.rules_of(cfg.mesh)):
@@ -265,7 +264,7 @@ def test_a_damaged_stage1_checkpoint_reports_its_own_error(tmp_path):
     from bossa_jax.errors import CheckpointError
     from bossa_jax.models.bossa import Stage1Model, save_stage1
 
-    cfg = load_config("tiny", ["stage1.audio_input=features", "qformer.num_hidden_layers=2"])
+    cfg = load_config("tiny", ["data.audio_input=features", "qformer.num_hidden_layers=2"])
     save_stage1(tmp_path / "s1", Stage1Model(cfg.qformer, None, rngs=nnx.Rngs(0)))
     shutil.rmtree(tmp_path / "s1" / "params")
     with pytest.raises(CheckpointError) as err:

@@ -27,8 +27,8 @@ def tiny_config(data_dir, *overrides):
     return load_config(
         "tiny",
         [
-            f"stage1.data_dir={data_dir}",
-            "stage1.synthetic_songs=4",
+            f"data.data_dir={data_dir}",
+            "data.synthetic_songs=4",
             "train.global_batch_size=8",
             "musicgen.keep_layers=1",
             "qformer.num_hidden_layers=2",
@@ -120,14 +120,14 @@ def test_bf16_layout_and_trainable_filter():
     matrices = [v for k, v in frozen_flat.items() if len(v.shape) >= 2 and "norm" not in k]
     assert matrices and all(v.dtype == jnp.bfloat16 for v in matrices)  # frozen MusicGen in bf16
     # features mode: no MusicGen at all
-    cfg = load_config("tiny", ["stage1.audio_input=features"])
+    cfg = load_config("tiny", ["data.audio_input=features"])
     model = nnx.eval_shape(stage1.model_fn(cfg))
     assert model.musicgen is None
 
 
 @pytest.mark.parametrize("audio_input", ["codes", "features"])
 def test_batch_spec_matches_pipeline(corpus, audio_input):
-    cfg = tiny_config(corpus, f"stage1.audio_input={audio_input}", "train.global_batch_size=4")
+    cfg = tiny_config(corpus, f"data.audio_input={audio_input}", "train.global_batch_size=4")
     local = next(stage1.train_data(cfg, stage1.load_split(cfg, "train"))(0, 1))
     spec = stage1.batch_spec(cfg, 4)
     assert set(spec) == set(local)
@@ -159,20 +159,20 @@ def test_bf16_step_matches_fp32_losses(corpus):
 
 
 def test_feature_dtype_float16_cache_and_a_mismatched_cache_is_refused(corpus, tmp_path):
-    options = ("stage1.audio_input=features", f"stage1.feature_cache_dir={tmp_path}")
-    cfg = tiny_config(corpus, *options, "stage1.feature_dtype=float16", "train.global_batch_size=4")
+    options = ("data.audio_input=features", f"data.feature_cache_dir={tmp_path}")
+    cfg = tiny_config(corpus, *options, "data.feature_dtype=float16", "train.global_batch_size=4")
     local = next(stage1.train_data(cfg, stage1.load_split(cfg, "train"))(0, 1))
     assert local["features"].dtype == np.float16
     assert stage1.batch_spec(cfg, 4)["features"].dtype == jnp.float16
-    with pytest.raises(ConfigError, match="stage1.feature_dtype"):
+    with pytest.raises(ConfigError, match="data.feature_dtype"):
         stage1.load_split(tiny_config(corpus, *options), "train")  # bfloat16 config, fp16 cache
 
 
 def test_official_data_options_reach_the_pipeline(corpus):
-    """stage1.clamp_clips=false gives the official empty clips near a song's start (SPEC 10.12);
-    stage1.keep_eos=false reaches the sequence builder (SPEC 11.11)."""
+    """data.clamp_clips=false gives the official empty clips near a song's start (SPEC 10.12);
+    data.keep_eos=false reaches the sequence builder (SPEC 11.11)."""
     ours = stage1.load_split(tiny_config(corpus), "train")
-    cfg = tiny_config(corpus, "stage1.clamp_clips=false", "stage1.keep_eos=false")
+    cfg = tiny_config(corpus, "data.clamp_clips=false", "data.keep_eos=false")
     official = stage1.load_split(cfg, "train")
     assert min(c.frames for c in ours.index.clips) > 0
     assert any(c.frames == 0 for c in official.index.clips)

@@ -104,7 +104,7 @@ def test_init_missing_checkpoint_and_both_keys(tmp_path):
 def test_init_from_stage1_checkpoint(tmp_path):
     from bossa_jax.models.bossa import Stage1Model, save_stage1
 
-    cfg = tiny(f"stage1.init_from={tmp_path / 's1'}", "stage1.audio_input=features")
+    cfg = tiny(f"stage1.init_from={tmp_path / 's1'}", "data.audio_input=features")
     source = Stage1Model(cfg.qformer, None, rngs=nnx.Rngs(5))
     save_stage1(tmp_path / "s1", source)
     model, ctx = fresh_model(cfg)

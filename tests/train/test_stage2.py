@@ -1,7 +1,8 @@
 """Stage-2 training (bossa_jax/train/stage2.py) on a tiny synthetic corpus in features mode: the
 loss of repeated steps on one batch goes down with only the trainable set moving (MuseCoco base
-frozen, LoRA leaving zero); one step on 8 devices (data=2, fsdp=4) equals one device, with the
-declared shardings; ``train.py stage2`` killed by SIGKILL and resumed equals an uninterrupted
+frozen, LoRA leaving zero); one step on 8 devices (data=2 x fsdp=4, and the tensor-parallel preset
+``configs/mesh/hosts2_gpu8_tp2.yaml``: fsdp=4 x tensor=2) equals one device, with the declared
+shardings; ``train.py stage2`` killed by SIGKILL and resumed equals an uninterrupted
 run."""
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ TOTAL = 8
 
 def overrides(data_dir, out_dir="runs/unused", *extra) -> list[str]:
     return [
-        f"stage1.data_dir={data_dir}",
-        "stage1.synthetic_songs=4",
-        "stage1.audio_input=features",
+        f"data.data_dir={data_dir}",
+        "data.synthetic_songs=4",
+        "data.audio_input=features",
         "qformer.num_hidden_layers=2",
         "musecoco.num_hidden_layers=1",
         "stage2.train.global_batch_size=8",
@@ -130,36 +131,77 @@ def test_paper_trainable_set_is_lora_and_projection(corpus):
     assert keys and all("lora" in k or "musecoco_proj" in k for k in keys), list(keys)
 
 
-def test_sharded_step_equals_single_device(corpus, local_batch):
-    results = []
-    for shape in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 4, "tensor": 1}):
-        cfg = tiny_config(corpus, f"mesh.shape={shape}")
-        devices = jax.devices()[: int(np.prod(list(shape.values())))]
-        mesh = sharding.make_mesh(cfg.mesh, devices)
-        with sharding.use_mesh(mesh, sharding.rules_of(cfg.mesh)):
-            program, step, batch, rng = compiled_step(cfg, mesh, local_batch)
-            state, metrics = step(program.state, program.frozen, batch, rng)
-            results.append((jax.device_get(metrics), state, program))
-    (m1, s1, _), (m8, s8, program8) = results
+# 4 MuseCoco heads (q/k/v 64 wide) so that tensor=2 really splits the attention heads
+SHARDED_EXTRA = ("musecoco.num_attention_heads=4",)
+# the tensor-parallel preset: 2-way tensor parallel, FSDP over the rest (fsdp=4 on 8 devices)
+TP_PRESET = ROOT / "configs" / "mesh" / "hosts2_gpu8_tp2.yaml"
+
+
+def run_one_step(cfg, local_batch, devices):
+    """(metrics, state, program) after one compiled step of ``cfg`` on ``devices``."""
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    with sharding.use_mesh(mesh, sharding.rules_of(cfg.mesh)):
+        program, step, batch, rng = compiled_step(cfg, mesh, local_batch)
+        state, metrics = step(program.state, program.frozen, batch, rng)
+    return jax.device_get(metrics), state, program
+
+
+@pytest.fixture(scope="module")
+def single_device_step(corpus, local_batch):
+    one = "mesh.shape={data: 1, fsdp: 1, tensor: 1}"
+    cfg = tiny_config(corpus, one, *SHARDED_EXTRA)
+    return run_one_step(cfg, local_batch, jax.devices()[:1])
+
+
+def sharded_config(corpus, mesh, tmp_path):
+    if mesh == "data x fsdp":
+        return tiny_config(corpus, "mesh.shape={data: 2, fsdp: 4, tensor: 1}", *SHARDED_EXTRA)
+    config = tmp_path / "tp.yaml"  # the preset file itself, included as a run config would
+    config.write_text(f"include: [{ROOT / 'configs' / 'tiny.yaml'}, {TP_PRESET}]\n")
+    return load_config(config, overrides(corpus, "runs/unused", *SHARDED_EXTRA))
+
+
+@pytest.mark.parametrize("mesh", ["data x fsdp", "tensor parallel"])
+def test_sharded_step_equals_single_device(corpus, local_batch, single_device_step, mesh, tmp_path):
+    cfg = sharded_config(corpus, mesh, tmp_path)
+    m8, s8, program8 = run_one_step(cfg, local_batch, jax.devices()[:8])
+    assert dict(program8.mesh.shape) == (
+        {"data": 2, "fsdp": 4, "tensor": 1}
+        if mesh == "data x fsdp"
+        else {"data": 1, "fsdp": 4, "tensor": 2}
+    )
+    m1, s1, _ = single_device_step
     for name in ("loss", "grad_norm", "supervised_tokens"):
         np.testing.assert_allclose(m8[name], m1[name], rtol=TOL, atol=TOL, err_msg=name)
     f1, f8 = flat(s1.params), flat(s8.params)
     assert f1.keys() == f8.keys()
     worst = max(float(np.max(np.abs(np.asarray(f1[k]) - np.asarray(f8[k])))) for k in f1)
     assert worst <= TOL, worst
-    # declared shardings: embed -> fsdp (qkv -> tensor, size 1 here); LoRA a is (embed, lora)
+    # declared shardings: embed -> fsdp, qkv/mlp -> tensor (dropped where the axis has size 1);
+    # MuseCoco's layers are stacked, so its specs lead with the (replicated) layers axis
+    tensor = "tensor" if mesh == "tensor parallel" else None
     specs = {k: v.sharding.spec for k, v in f8.items()}
-    lora_a = next(v for k, v in specs.items() if "q_proj" in k and "['lora']['a']" in k)
-    assert lora_a == P(None, "fsdp", None), lora_a  # leading stacked-layers axis
-    proj = next(v for k, v in specs.items() if "musecoco_proj" in k and "kernel" in k)
-    assert proj == P("fsdp", None), proj
     frozen = {k: v.sharding.spec for k, v in flat(program8.frozen).items()}
-    q_kernel = next(v for k, v in frozen.items() if "q_proj" in k and "kernel" in k)
-    assert q_kernel == P(None, "fsdp", None), q_kernel  # the size-1 tensor axis is dropped
+
+    def spec(table, *parts):
+        return next(v for k, v in table.items() if all(p in k for p in parts))
+
+    assert spec(specs, "q_proj", "['lora']['a']") == P(None, "fsdp", None)
+    assert spec(specs, "v_proj", "['lora']['b']") == P(None, None, tensor)
+    assert spec(specs, "musecoco_proj", "kernel") == P("fsdp", None)
+    assert spec(frozen, "musecoco", "q_proj", "kernel") == P(None, "fsdp", tensor)
+    assert spec(frozen, "musecoco", "out_proj", "kernel") == P(None, tensor, "fsdp")
+    assert spec(frozen, "musecoco", "fc1", "kernel") == P(None, "fsdp", tensor)
+    # the Q-Former's attention and feed-forward too (trainable in the official set)
+    assert spec(specs, "qformer", "self_attn", "q_proj", "kernel") == P("fsdp", tensor)
+    assert spec(specs, "qformer", "query_mlp", "fc2", "kernel") == P(tensor, "fsdp")
+    # vocab 1253 is odd: tensor=2 cannot split it, so the head is replicated along it (logged)
+    assert spec(frozen, "lm_head", "kernel") == P("fsdp", None)
     # the optimizer state is sharded like the parameter it mirrors
     mu = flat(s8.opt_state)
-    mu_a = next(v for k, v in mu.items() if "mu" in k and "q_proj" in k and "['lora']['a']" in k)
-    assert mu_a.sharding.spec == lora_a
+    for parts in (("q_proj", "['lora']['a']"), ("v_proj", "['lora']['b']")):
+        mu_spec = next(v for k, v in mu.items() if "mu" in k and all(p in k for p in parts))
+        assert mu_spec.sharding.spec == spec(specs, *parts), parts
 
 
 def _stage2_process(data_dir: Path, out_dir: Path) -> subprocess.Popen:
