@@ -32,7 +32,7 @@ MEL = [
     "audio.frontend=mel",
     f"audio.n_mels={N_MELS}",
     f"qformer.encoder_width={N_MELS}",
-    "stage1.audio_input=features",
+    "data.audio_input=features",
 ]
 V = remi.VOCAB
 B1 = remi.BAR_END

@@ -40,7 +40,7 @@ MEL = [
     "audio.frontend=mel",
     f"audio.n_mels={N_MELS}",
     f"qformer.encoder_width={N_MELS}",
-    "stage1.audio_input=features",
+    "data.audio_input=features",
 ]
 # a window needs at most 4 bars of BAR_CYCLE (24 tokens); the cap keeps a broken model fast
 FAST = ["arrange.max_new_tokens=32"]
