@@ -379,6 +379,11 @@ class Arranger:
     ``settings`` default: ``arrange.top_k`` / ``temperature`` / ``top_p`` of ``config``. ``mesh``:
     place the parameters by ``config.mesh.rules`` and shard every batch over it. ``encodec``: the
     EnCodec of the ``musicgen`` front end (default: ``arrange.encodec_checkpoint``).
+
+    Usage: ``Arranger.from_checkpoint(path)(songs, seed=0)``. To skip bad songs of a catalogue,
+    :meth:`prepare` each request (it raises the song's one-line
+    :class:`~bossa_jax.errors.BossaError` before any model work and decodes its audio once), then
+    pass the prepared songs to the call.
     """
 
     def __init__(
@@ -435,13 +440,14 @@ class Arranger:
         run it with: ``config`` when given, else the checkpoint's ``run_config.yaml``
         (:func:`save_arranger` writes both, e.g. the demo model), else the defaults with the
         checkpoint's model sections (front end ``musicgen``, which needs MusicGen in it). A
-        checkpoint folder's ``encodec/`` (a converted EnCodec) serves the musicgen front end."""
+        checkpoint folder's ``encodec/`` (a converted EnCodec) serves the musicgen front end.
+        ``kw``: ``dtype`` (the Q-Former compute dtype) and the constructor's keywords."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint folder not found")
         if config is None:
             config = read_run_config(path)
-        model = load_stage2(path)
+        model = load_stage2(path, dtype=kw.pop("dtype", None))
         if config.audio.frontend == "musicgen" and "encodec" not in kw:
             if not config.arrange.encodec_checkpoint and (path / ENCODEC_DIR).is_dir():
                 from bossa_jax.models.encodec import load_encodec

@@ -257,6 +257,22 @@ def test_official_overrun_alone_keeps_complete_bars(model, leadsheet, reference)
     assert piece.bars == 8 and len(piece.windows[1].result) == 6 * len(bar(0, 0))
 
 
+def test_official_carry_alone_still_ends_at_the_requested_bar(model, leadsheet, reference):
+    """SPEC 10.19 kept (stopping b-1 dropped, carry end -1), our stops: a window's bar limit
+    counts the carry's complete bars, so its first b-1 closes the carried unfinished bar."""
+    arranger = scripted(model, "arrange.official_carry=true")
+    (piece,) = arranger([SongRequest("demo", leadsheet, reference, bars=(0, 8))])
+    calls = arranger.sampler.calls
+    assert [c["bar_limit"][0] for c in calls] == [4, 3, 3]
+    carry1 = cat(bar(0, 2), bar(0, 3)[:-2])
+    np.testing.assert_array_equal(calls[1]["prompts"][0], cat(lead_prompt(leadsheet, 2, 6), carry1))
+    carry2 = cat(bar(1, 1), bar(1, 2)[:-2])
+    np.testing.assert_array_equal(calls[2]["prompts"][0], cat(lead_prompt(leadsheet, 4, 8), carry2))
+    last = cat(carry2, bar(2, 0), bar(2, 1), bar(2, 2)[:-1])
+    np.testing.assert_array_equal(piece.tokens, cat(bar(0, 0), bar(0, 1), carry1, bar(1, 0), last))
+    assert piece.bars == 8
+
+
 def test_early_stops_give_defined_bars(model, leadsheet, reference):
     """SPEC 11.11: a window that ends early (</s> after one bar; max tokens inside a bar) is
     completed with empty bars, so the carry and the piece keep the bar grid."""
