@@ -20,10 +20,12 @@ windows: the 2, or fewer at the piece's end, after the carried ones), and the st
 kept so every bar is complete (SPEC 10.19 fixed). A window that stops early (``</s>``, or
 ``max_new_tokens``) gets a defined result (SPEC 11.11): an unfinished last bar is closed with
 ``b-1`` and missing bars are empty (a lone ``b-1``), so later windows and the stitched piece keep
-the bar grid. With ``arrange.official_overrun`` every window samples until its 4th ``b-1`` (past
-its lead sheet) and the last window is kept whole; with ``arrange.official_carry`` the stopping
-``b-1`` is dropped and the carry is the official slice (end index -1 when the window has fewer than
-four ``b-1``, dropping its last token; no bar repair).
+the bar grid. A window whose lead-sheet bars hold no note (the official code fails there, SPEC
+11.11) is prompted with the empty lead sheet. With ``arrange.official_overrun`` every window
+samples until its 4th ``b-1`` (past its lead sheet) and the last window is kept whole; with
+``arrange.official_carry`` the stopping ``b-1`` is dropped and the carry is the official slice
+(end index -1 when the window has fewer than four ``b-1``, dropping its last token; no bar
+repair).
 
 **Stitching** (SPEC 8.2): every window but the last contributes its first 2 bars (tokens up to and
 including its 2nd ``b-1``), the last one all of its bars; by default the piece has exactly the
@@ -31,11 +33,12 @@ requested bars. It is decoded with :func:`bossa_jax.symbolic.remi.decode` (veloc
 bar's time signature and tempo taken from the lead sheet, notes cut at the end of the last bar, and
 optionally the rule-based sustain pedal (``arrange.pedal``, SPEC 8.2).
 
-**Audio** (SPEC 1.1, 8.2, 11.14). Each reference file is checked (:func:`bossa_jax.audio.
-check_audio`), then decoded and resampled ONCE per song. Front end ``musicgen``: the whole file is
-encoded with EnCodec in fixed chunks, as the codes store does (:func:`bossa_jax.data.codes.
-chunked_encoder`), and each window's 508 codes are cut from it (the official inference encodes
-the whole file too) and run through MusicGen inside the style prefix. Front end ``mel``: each
+**Audio** (SPEC 1.1, 8.2, 11.14). Each reference file is checked
+(:func:`bossa_jax.audio.check_audio`), then decoded and resampled ONCE per song. Front end
+``musicgen``: the whole file is encoded with EnCodec in fixed chunks, as the codes store does
+(:func:`bossa_jax.data.codes.chunked_encoder`), and each window's 508 codes are cut from it (the
+official inference encodes the whole file too) and run through MusicGen inside the style prefix
+(MusicGen reads a clip, as in training, not the whole file). Front end ``mel``: each
 window's log-mel frames are computed from the decoded samples of its clip, which equals the
 training feature cache's clip features exactly (frames at a clip's edges see the clip's zero
 padding, so slicing a whole-file spectrogram would not). Clips are clamped into the file and a
@@ -148,6 +151,7 @@ class Arrangement:
     generated_tokens: int  # tokens sampled in all windows (stopping tokens included)
     seconds: float  # wall time spent on this song's windows (its share)
     skipped_tokens: int = 0  # tokens the decoder could not use (out of grammar)
+    first_bar: int = 0  # the lead-sheet bar the piece starts at (its bar 0)
     windows: list[WindowRecord] = dataclasses.field(default_factory=list)
 
     def write_midi(self, path: str | os.PathLike) -> Path:
@@ -683,6 +687,7 @@ class Arranger:
                     generated_tokens=generated[i],
                     seconds=seconds[i] + time.perf_counter() - started,
                     skipped_tokens=skipped,
+                    first_bar=s.first,
                     windows=records[i],
                 )
             )

@@ -221,7 +221,7 @@ def test_odd_bar_counts_end_at_the_requested_bar(model, leadsheet, reference):
     np.testing.assert_array_equal(
         pieces[0].tokens, cat(bar(0, 0), bar(0, 1), bar(0, 2), bar(0, 3), bar(1, 0))
     )
-    assert [p.bars for p in pieces] == [5, 3]
+    assert [p.bars for p in pieces] == [5, 3] and [p.first_bar for p in pieces] == [3, 0]
 
 
 def test_official_overrun_and_carry(model, leadsheet, reference):
