@@ -20,10 +20,12 @@ windows: the 2, or fewer at the piece's end, after the carried ones), and the st
 kept so every bar is complete (SPEC 10.19 fixed). A window that stops early (``</s>``, or
 ``max_new_tokens``) gets a defined result (SPEC 11.11): an unfinished last bar is closed with
 ``b-1`` and missing bars are empty (a lone ``b-1``), so later windows and the stitched piece keep
-the bar grid. With ``arrange.official_overrun`` every window samples until its 4th ``b-1`` (past
-its lead sheet) and the last window is kept whole; with ``arrange.official_carry`` the stopping
-``b-1`` is dropped and the carry is the official slice (end index -1 when the window has fewer than
-four ``b-1``, dropping its last token; no bar repair).
+the bar grid. A window whose lead-sheet bars hold no note (the official code fails there, SPEC
+11.11) is prompted with the empty lead sheet. With ``arrange.official_overrun`` every window
+samples until its 4th ``b-1`` (past its lead sheet) and the last window is kept whole; with
+``arrange.official_carry`` the stopping ``b-1`` is dropped and the carry is the official slice
+(end index -1 when the window has fewer than four ``b-1``, dropping its last token; no bar
+repair).
 
 **Stitching** (SPEC 8.2): every window but the last contributes its first 2 bars (tokens up to and
 including its 2nd ``b-1``), the last one all of its bars; by default the piece has exactly the
@@ -31,11 +33,12 @@ requested bars. It is decoded with :func:`bossa_jax.symbolic.remi.decode` (veloc
 bar's time signature and tempo taken from the lead sheet, notes cut at the end of the last bar, and
 optionally the rule-based sustain pedal (``arrange.pedal``, SPEC 8.2).
 
-**Audio** (SPEC 1.1, 8.2, 11.14). Each reference file is checked (:func:`bossa_jax.audio.
-check_audio`), then decoded and resampled ONCE per song. Front end ``musicgen``: the whole file is
-encoded with EnCodec in fixed chunks, as the codes store does (:func:`bossa_jax.data.codes.
-chunked_encoder`), and each window's 508 codes are cut from it (the official inference encodes
-the whole file too) and run through MusicGen inside the style prefix. Front end ``mel``: each
+**Audio** (SPEC 1.1, 8.2, 11.14). Each reference file is checked
+(:func:`bossa_jax.audio.check_audio`), then decoded and resampled ONCE per song. Front end
+``musicgen``: the whole file is encoded with EnCodec in fixed chunks, as the codes store does
+(:func:`bossa_jax.data.codes.chunked_encoder`), and each window's 508 codes are cut from it (the
+official inference encodes the whole file too) and run through MusicGen inside the style prefix
+(MusicGen reads a clip, as in training, not the whole file). Front end ``mel``: each
 window's log-mel frames are computed from the decoded samples of its clip, which equals the
 training feature cache's clip features exactly (frames at a clip's edges see the clip's zero
 padding, so slicing a whole-file spectrogram would not). Clips are clamped into the file and a
@@ -148,6 +151,7 @@ class Arrangement:
     generated_tokens: int  # tokens sampled in all windows (stopping tokens included)
     seconds: float  # wall time spent on this song's windows (its share)
     skipped_tokens: int = 0  # tokens the decoder could not use (out of grammar)
+    first_bar: int = 0  # the lead-sheet bar the piece starts at (its bar 0)
     windows: list[WindowRecord] = dataclasses.field(default_factory=list)
 
     def write_midi(self, path: str | os.PathLike) -> Path:
@@ -379,6 +383,11 @@ class Arranger:
     ``settings`` default: ``arrange.top_k`` / ``temperature`` / ``top_p`` of ``config``. ``mesh``:
     place the parameters by ``config.mesh.rules`` and shard every batch over it. ``encodec``: the
     EnCodec of the ``musicgen`` front end (default: ``arrange.encodec_checkpoint``).
+
+    Usage: ``Arranger.from_checkpoint(path)(songs, seed=0)``. To skip bad songs of a catalogue,
+    :meth:`prepare` each request (it raises the song's one-line
+    :class:`~bossa_jax.errors.BossaError` before any model work and decodes its audio once), then
+    pass the prepared songs to the call.
     """
 
     def __init__(
@@ -435,13 +444,14 @@ class Arranger:
         run it with: ``config`` when given, else the checkpoint's ``run_config.yaml``
         (:func:`save_arranger` writes both, e.g. the demo model), else the defaults with the
         checkpoint's model sections (front end ``musicgen``, which needs MusicGen in it). A
-        checkpoint folder's ``encodec/`` (a converted EnCodec) serves the musicgen front end."""
+        checkpoint folder's ``encodec/`` (a converted EnCodec) serves the musicgen front end.
+        ``kw``: ``dtype`` (the Q-Former compute dtype) and the constructor's keywords."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint folder not found")
         if config is None:
             config = read_run_config(path)
-        model = load_stage2(path)
+        model = load_stage2(path, dtype=kw.pop("dtype", None))
         if config.audio.frontend == "musicgen" and "encodec" not in kw:
             if not config.arrange.encodec_checkpoint and (path / ENCODEC_DIR).is_dir():
                 from bossa_jax.models.encodec import load_encodec
@@ -677,6 +687,7 @@ class Arranger:
                     generated_tokens=generated[i],
                     seconds=seconds[i] + time.perf_counter() - started,
                     skipped_tokens=skipped,
+                    first_bar=s.first,
                     windows=records[i],
                 )
             )

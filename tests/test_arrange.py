@@ -27,7 +27,7 @@ from bossa_jax.symbolic import remi
 from bossa_jax.symbolic.leadsheet import read_leadsheet
 from bossa_jax.symbolic.notes import BAR, Song
 
-N_MELS = 16
+N_MELS = 32  # = the tiny MusicGen's width: one model serves both front ends
 MEL = [
     "audio.frontend=mel",
     f"audio.n_mels={N_MELS}",
@@ -52,7 +52,7 @@ def leadsheet() -> Song:
 def model() -> Stage2Model:
     cfg = config()
     return sharding.create_sharded(
-        lambda: Stage2Model(cfg.qformer, cfg.musecoco, None, rngs=nnx.Rngs(0))
+        lambda: Stage2Model(cfg.qformer, cfg.musecoco, cfg.musicgen, rngs=nnx.Rngs(0))
     )
 
 
@@ -221,7 +221,7 @@ def test_odd_bar_counts_end_at_the_requested_bar(model, leadsheet, reference):
     np.testing.assert_array_equal(
         pieces[0].tokens, cat(bar(0, 0), bar(0, 1), bar(0, 2), bar(0, 3), bar(1, 0))
     )
-    assert [p.bars for p in pieces] == [5, 3]
+    assert [p.bars for p in pieces] == [5, 3] and [p.first_bar for p in pieces] == [3, 0]
 
 
 def test_official_overrun_and_carry(model, leadsheet, reference):
@@ -255,6 +255,22 @@ def test_official_overrun_alone_keeps_complete_bars(model, leadsheet, reference)
         calls[1]["prompts"][0], cat(lead_prompt(leadsheet, 2, 6), bar(0, 2), bar(0, 3))
     )
     assert piece.bars == 8 and len(piece.windows[1].result) == 6 * len(bar(0, 0))
+
+
+def test_official_carry_alone_still_ends_at_the_requested_bar(model, leadsheet, reference):
+    """SPEC 10.19 kept (stopping b-1 dropped, carry end -1), our stops: a window's bar limit
+    counts the carry's complete bars, so its first b-1 closes the carried unfinished bar."""
+    arranger = scripted(model, "arrange.official_carry=true")
+    (piece,) = arranger([SongRequest("demo", leadsheet, reference, bars=(0, 8))])
+    calls = arranger.sampler.calls
+    assert [c["bar_limit"][0] for c in calls] == [4, 3, 3]
+    carry1 = cat(bar(0, 2), bar(0, 3)[:-2])
+    np.testing.assert_array_equal(calls[1]["prompts"][0], cat(lead_prompt(leadsheet, 2, 6), carry1))
+    carry2 = cat(bar(1, 1), bar(1, 2)[:-2])
+    np.testing.assert_array_equal(calls[2]["prompts"][0], cat(lead_prompt(leadsheet, 4, 8), carry2))
+    last = cat(carry2, bar(2, 0), bar(2, 1), bar(2, 2)[:-1])
+    np.testing.assert_array_equal(piece.tokens, cat(bar(0, 0), bar(0, 1), carry1, bar(1, 0), last))
+    assert piece.bars == 8
 
 
 def test_early_stops_give_defined_bars(model, leadsheet, reference):
@@ -356,9 +372,8 @@ def test_short_audio_is_padded_and_masked(model, leadsheet, tmp_path):
 def _songs(leadsheet, reference, tmp_path):
     other = tone(tmp_path / "other.wav", 9.0, freq=330.0)
     return [
-        SongRequest("a", leadsheet, reference, bars=(0, 8)),
-        SongRequest("b", leadsheet, other, bars=(4, 9)),
-        SongRequest("c", leadsheet, reference, bars=(6, 16)),
+        SongRequest("a", leadsheet, reference, bars=(6, 14)),  # 3 windows
+        SongRequest("b", leadsheet, other, bars=(4, 9)),  # 2 windows, a short reference
     ]
 
 
@@ -367,7 +382,7 @@ def test_batched_songs_get_the_tokens_they_get_alone(model, leadsheet, reference
     songs = _songs(leadsheet, reference, tmp_path)
     ticks = []
     together = arranger(songs, seed=5, progress=lambda done, total: ticks.append((done, total)))
-    assert ticks == [(3, 9), (6, 9), (8, 9), (9, 9)]  # 3 + 2 + 4 windows
+    assert ticks == [(2, 5), (4, 5), (5, 5)]  # 3 + 2 windows
     for song, piece in zip(songs, together, strict=True):
         (alone,) = arranger([song], seed=5)
         np.testing.assert_array_equal(piece.tokens, alone.tokens)
@@ -412,9 +427,16 @@ def test_from_checkpoint_with_its_run_config(model, leadsheet, reference, tmp_pa
     np.testing.assert_array_equal(
         loaded([song], seed=1)[0].tokens, Arranger(model, cfg)([song], seed=1)[0].tokens
     )
-    (path / arrange.RUN_CONFIG_FILE).unlink()
+    (path / arrange.RUN_CONFIG_FILE).unlink()  # then: the defaults with the model's sections
+    derived = arrange.read_run_config(path)
+    assert derived.audio.frontend == "musicgen" and derived.musicgen == cfg.musicgen
+    with pytest.raises(ConfigError, match="arrange.encodec_checkpoint"):
+        Arranger.from_checkpoint(path)  # musicgen front end, no EnCodec anywhere
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.yaml").write_text("name: bossa_stage2\nmusicgen: null\n")
     with pytest.raises(ConfigError, match="no run_config.yaml and no MusicGen"):
-        Arranger.from_checkpoint(path)
+        arrange.read_run_config(bare)
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -444,41 +466,46 @@ def test_bad_requests_are_one_line_errors(model, leadsheet, reference, tmp_path)
             model,
             load_config("tiny", [*MEL[:1], "audio.n_mels=8", "qformer.encoder_width=8", MEL[3]]),
         )
+    cfg = load_config("tiny")
+    no_musicgen = nnx.eval_shape(
+        lambda: Stage2Model(cfg.qformer, cfg.musecoco, None, rngs=nnx.Rngs(0))
+    )
     with pytest.raises(ConfigError, match="no MusicGen"):
-        Arranger(model, load_config("tiny"))
+        Arranger(no_musicgen, cfg)
 
 
-def test_musicgen_front_end_encodes_the_whole_file_once_and_cuts_codes(leadsheet, reference):
+def test_musicgen_front_end_encodes_the_whole_file_once_and_cuts_codes(model, leadsheet, tmp_path):
     """Front end ``musicgen``: the file's codes come from fixed-chunk encoding of the whole file
     (as the codes store), each window's clip is cut from them, padded with the special id, and
     MusicGen runs inside the style prefix."""
     from bossa_jax.data.codes import chunked_encoder
     from bossa_jax.models.encodec import EncodecEncoder, encode_fn
 
-    cfg = load_config("tiny", ["arrange.chunk_seconds=4"])
-    model = sharding.create_sharded(
-        lambda: Stage2Model(cfg.qformer, cfg.musecoco, cfg.musicgen, rngs=nnx.Rngs(0))
-    )
+    cfg = load_config("tiny", ["arrange.chunk_seconds=2"])
     with pytest.raises(ConfigError, match="arrange.encodec_checkpoint"):
         Arranger(model, cfg)
     encodec = sharding.create_sharded(lambda: EncodecEncoder(cfg.encodec, rngs=nnx.Rngs(1)))
     arranger = Arranger(model, cfg, encodec=encodec)
-    prepared = arranger.prepare(SongRequest("demo", leadsheet, reference, bars=(8, 16)))
-    samples = audio.load_clip(reference, clip_frames=2**40).samples
+    short = tone(tmp_path / "short.wav", 5.0)
+    prepared = arranger.prepare(SongRequest("demo", leadsheet, short, bars=(8, 16)))
+    samples = audio.load_clip(short, clip_frames=2**40).samples
     graphdef, state = nnx.split(encodec)
-    whole = chunked_encoder(lambda x: np.asarray(encode_fn(graphdef, state, x)), 4 * 50 * 640)(
+    whole = chunked_encoder(lambda x: np.asarray(encode_fn(graphdef, state, x)), 2 * 50 * 640)(
         samples
     )
     np.testing.assert_array_equal(prepared.audio.codes, whole)
-    assert whole.shape == (4, 700)
-    mask, codes, features = arranger._clip_inputs([prepared], 2, 2)
+    assert whole.shape == (4, 250)
+    mask, codes, features = arranger._clip_inputs([prepared], 2, 1)
     start, valid = prepared.clips[2]
-    assert features is None and valid == 508 and start == 192  # bars 12-16 lie past 14 s
-    np.testing.assert_array_equal(codes[0], whole[:, start : start + 508])
-    assert (codes[1] == cfg.musicgen.special_id).all()
+    assert features is None and (start, valid) == (0, 250)  # 5 s: the whole file, padded
+    np.testing.assert_array_equal(codes[0, :, :250], whole)
+    assert (codes[0, :, 250:] == cfg.musicgen.special_id).all()
+    np.testing.assert_array_equal(mask[0], audio.clip_mask(250, 508))
     prefix = np.asarray(arranger._prefix(mask, codes, None))
-    direct = model.style_prefix(mask, codes=codes)
-    np.testing.assert_allclose(prefix, np.asarray(direct), atol=1e-5)
+    assert prefix.shape == (1, cfg.qformer.num_query_tokens, cfg.musecoco.hidden_size)
+    assert np.isfinite(prefix).all()
+    shifted = np.where(codes == cfg.musicgen.special_id, codes, (codes + 1) % 2048)
+    assert not np.allclose(np.asarray(arranger._prefix(mask, shifted, None)), prefix)  # MusicGen
     arranger.sampler = ScriptedSampler(arranger.sampler.cfg)
     (piece,) = arranger([prepared])
     assert piece.bars == 8
