@@ -324,6 +324,10 @@ def decode_piece(
         score.tracks.append(symusic.Track(name="program 0", program=0, is_drum=False))
     end = int(bar_start[-1]) * scale
     score.tracks[0].controls.append(symusic.ControlChange(time=end - 1, number=64, value=0))
+    if not len(events):  # readers drop a track without notes: an end marker and lyric keep the
+        # piece's length for symusic (markers) and pretty_midi (lyrics)
+        score.markers.append(symusic.TextMeta(time=end - 1, text="end"))
+        score.tracks[0].lyrics.append(symusic.TextMeta(time=end - 1, text="end"))
     if pedal:
         chords = song.leadsheet.bars(first, first + n_bars).events.copy()
         chords = chords[chords[:, INSTRUMENT] == CHORD_INSTRUMENT]

@@ -14,6 +14,7 @@ import numpy as np
 import pretty_midi
 import pytest
 import soundfile
+import symusic
 from flax import nnx
 
 from bossa_jax import arrange, audio, mel, sharding
@@ -340,6 +341,17 @@ def test_bar_count_and_meter_of_the_midi(model, leadsheet, reference, tmp_path):
         assert [n.velocity for n in notes][:2] == [82, 122]  # 4 v + 2: velocities kept
         values = {c.value for c in pm.instruments[0].control_changes if c.number == 64}
         assert values == ({0, 72} if pedal else {0})  # the end marker is a sustain-off
+
+
+def test_a_piece_without_notes_still_lasts_its_bars(model, leadsheet, reference, tmp_path):
+    """Readers drop a track without notes; the end marker and lyric keep the piece's length."""
+    arranger = scripted(model, stream=lambda w: [B1] * 4)
+    (piece,) = arranger([SongRequest("demo", leadsheet, reference, bars=(0, 6))])
+    assert piece.notes == 0
+    path = piece.write_midi(tmp_path / "empty.mid")
+    assert len(pretty_midi.PrettyMIDI(str(path)).get_downbeats()) == 6
+    score = symusic.Score(str(path))
+    assert score.end() == pytest.approx(6 * 4 * score.ticks_per_quarter, abs=1)
 
 
 # --- audio clips ------------------------------------------------------------------------------
