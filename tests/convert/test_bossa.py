@@ -15,7 +15,7 @@ from transformers import MusicgenDecoderConfig, MusicgenModel
 
 from bossa_jax.cli import UsageError
 from bossa_jax.config import load_config
-from bossa_jax.errors import CheckpointError
+from bossa_jax.errors import BossaError, CheckpointError
 from bossa_jax.models.bossa import load_stage1
 from convert.bossa import LAVIS_ALIASES, convert_stage1, main
 from convert.common import param_paths
@@ -194,3 +194,49 @@ def test_projection_width_comes_from_the_checkpoint(official):
     mixed = dict(narrow, **{k: tensors[k] for k in ("symbo_proj.weight", "symbo_proj.bias")})
     with pytest.raises(CheckpointError, match="shape mismatch for 'symbo_proj.weight'"):
         convert_stage1(mixed, CFG, with_musicgen=False)
+
+
+def test_stage2_official_export_round_trip(tmp_path, capsys):
+    """Official stage-2 state dict -> bossa-jax (``--stage 2``) -> the official layout again
+    (``--export-official``): every key comes back, every value equal (``_float_tensor`` is
+    fairseq's uninitialised dtype buffer: its shape only)."""
+    from tests.models.test_arranger import MUSECOCO_KWARGS, Stage2Torch, ref_config, state_dict
+
+    torch.manual_seed(1)
+    ref = Stage2Torch(ref_config(), MUSECOCO_KWARGS)
+    with torch.no_grad():  # every weight off its trivial init (LoRA B = 0, LN 1/0, zero biases)
+        for p in ref.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    official = state_dict(ref)
+    source = tmp_path / "bossa_stage2.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in official.items()}, source)
+    ours = tmp_path / "stage2"
+    args = ["--stage", "2", "--config", "tiny", *OVERRIDES, "--no-musicgen"]
+    assert main([str(source), str(ours), *args]) == 0
+    exported = tmp_path / "export" / "bossa_stage2.pt"
+    assert main([str(ours), str(exported), "--stage", "2", "--export-official"]) == 0
+    assert "official stage-2 layout" in capsys.readouterr().out
+    back = {k: v.numpy() for k, v in torch.load(exported, weights_only=True).items()}
+    assert back.keys() == official.keys()
+    for key, value in official.items():
+        if key.endswith("_float_tensor"):
+            assert back[key].shape == value.shape
+            continue
+        assert back[key].dtype == value.dtype, key
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
+    # safetensors too, the same tensors
+    from safetensors.numpy import load_file
+
+    from convert.bossa import export_official
+
+    again = export_official(ours, tmp_path / "export" / "bossa_stage2.safetensors")
+    for key, value in load_file(str(again)).items():
+        np.testing.assert_array_equal(value, back[key], err_msg=key)
+    # refused in one line, nothing written: no file suffix, stage 1, an existing file
+    with pytest.raises(UsageError, match="file name ending in .pt"):
+        main([str(ours), str(tmp_path / "x"), "--stage", "2", "--export-official"])
+    with pytest.raises(UsageError, match="give --stage 2"):
+        main([str(ours), str(tmp_path / "x.pt"), "--stage", "1", "--export-official"])
+    with pytest.raises(BossaError, match="exists; pass --overwrite"):
+        main([str(ours), str(exported), "--stage", "2", "--export-official"])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.pt").exists()
