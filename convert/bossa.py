@@ -44,6 +44,7 @@ with ``load_state_dict(strict=False)`` or leave MusicGen out (features mode).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -325,7 +326,11 @@ def write_state_dict(path: str | Path, tensors: Mapping[str, np.ndarray]) -> Pat
                     return torch.from_numpy(value.view(np.int16)).view(torch.bfloat16)
                 return torch.from_numpy(np.ascontiguousarray(value))
 
-            torch.save({k: as_torch(v) for k, v in tensors.items()}, tmp)
+            # the arrays are read-only views of the model's buffers; torch.save only reads
+            # them, so they are wrapped as they are instead of copied (a second model in memory)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                torch.save({k: as_torch(v) for k, v in tensors.items()}, tmp)
     return path
 
 

@@ -240,3 +240,24 @@ def test_stage2_official_export_round_trip(tmp_path, capsys):
     with pytest.raises(BossaError, match="exists; pass --overwrite"):
         main([str(ours), str(exported), "--stage", "2", "--export-official"])
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.pt").exists()
+
+
+def test_stage2_export_keeps_musicgen(tmp_path):
+    """A stage-2 model with the frozen MusicGen -> the official layout -> back: every parameter
+    equal, MusicGen under ``blip2qformer.musicgen_decoder.decoder.`` with the names the
+    converter reads."""
+    from bossa_jax.models.arranger import Stage2Model, save_stage2
+    from convert.bossa import convert_stage2, export_official
+
+    model = Stage2Model(CFG.qformer, CFG.musecoco, CFG.musicgen, rngs=nnx.Rngs(4))
+    for var in param_paths(model).values():  # every weight off its trivial init
+        var[...] = var[...] + 0.1
+    save_stage2(tmp_path / "ours", model)
+    exported = export_official(tmp_path / "ours", tmp_path / "bossa_stage2.pt")
+    state = torch.load(exported, weights_only=True)
+    assert any(k.startswith("blip2qformer.musicgen_decoder.decoder.layers.") for k in state)
+    back = _params(convert_stage2(exported, CFG, with_musicgen=True))
+    want = _params(model)
+    assert back.keys() == want.keys()
+    for key, value in want.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
