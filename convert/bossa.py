@@ -3,6 +3,7 @@
 
     python -m convert.bossa bossa_stage1.pt OUT --stage 1 [--config paper] [--no-musicgen]
     python -m convert.bossa bossa_stage2.pt OUT --stage 2 [--config paper] [--no-musicgen]
+    python -m convert.bossa STAGE2_CHECKPOINT OUT.pt --stage 2 --export-official
 
 The file is the plain ``state_dict()`` of the official ``Blip2Qformer`` (SPEC 7 "Key prefixes"):
 
@@ -26,26 +27,47 @@ stage 2 deletes (SPEC 4.1: the query-only Q-Former, ``blip2qformer.layer_norm`` 
 ``blip2qformer.musicgen_decoder.*``), ``musecoco.`` + the HF-port MuseCoco names with
 ``...self_attn.lora_{q,k,v}.lora_{A,B}`` (``convert/musecoco.py``'s table) and
 ``musecoco_proj.{weight,bias}``. The whole file is read into host memory (not streamed yet).
+
+``--export-official`` goes the other way (:func:`to_official_stage2`): a bossa-jax stage-2
+checkpoint (``save_stage2``, a run's export, or this converter's output) is written back in that
+layout with ``torch.save`` (``.pt``) or as ``.safetensors``, so the official code can load our
+weights. Every tensor the converter reads comes back under its official name, in the model's
+dtype; ``blip2qformer.Qformer.bert.embeddings.position_ids`` is rebuilt (arange) and
+``musecoco.decoder.embed_positions._float_tensor`` (fairseq's uninitialised dtype buffer) written
+as one zero. The frozen MusicGen, when the checkpoint has it, is written under
+``blip2qformer.musicgen_decoder.decoder.`` with the self-attention names this converter reads; its
+cross-attention weights and ``musicgen_enc_to_dec_proj`` (skipped on import: they act only on the
+all-zero text state, SPEC 1.2) are not kept by bossa-jax and so are not written: load such a file
+with ``load_state_dict(strict=False)`` or leave MusicGen out (features mode).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from bossa_jax.cli import ArgumentParser, add_output_options
+from bossa_jax.cli import ArgumentParser, UsageError, add_output_options
 from bossa_jax.config import Config, QFormerConfig, load_config
 from bossa_jax.errors import CheckpointError, run_cli
 from bossa_jax.models.arranger import CHECKPOINT_KIND as STAGE2_CHECKPOINT_KIND
-from bossa_jax.models.arranger import Stage2Model, save_stage2
+from bossa_jax.models.arranger import Stage2Model, load_stage2, save_stage2
 from bossa_jax.models.bossa import CHECKPOINT_KIND, Stage1Model, save_stage1
-from bossa_jax.outputs import check_output
-from convert.common import LazyTensors, TensorReader, check_missing, fill, load_state_dict
+from bossa_jax.outputs import atomic_output, check_output
+from convert.common import (
+    LazyTensors,
+    TensorReader,
+    check_missing,
+    fill,
+    load_state_dict,
+    param_paths,
+)
 from convert.musicbert import Rule, _same, _transpose, official_qformer_rules, values_from_official
 from convert.musicgen import HF_BLOCK_TABLE, OFFICIAL_PREFIX, hf_to_flax
 
@@ -255,22 +277,116 @@ def convert_stage2(
     return model
 
 
+# -- export: a bossa-jax stage-2 model -> the released bossa_stage2.pt layout ---------------------
+OFFICIAL_EXPORT_KIND = "official BOSSA stage-2 state dict"
+EXPORT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+POSITION_IDS = f"{STAGE2_QFORMER_PREFIX}Qformer.bert.embeddings.position_ids"
+FLOAT_TENSOR = f"{STAGE2_MUSECOCO_PREFIX}decoder.embed_positions._float_tensor"
+
+
+def to_official_stage2(model: Stage2Model) -> dict[str, np.ndarray]:
+    """``model``'s parameters under the official stage-2 names (SPEC 7; the inverse of
+    :func:`stage2_values`): the Q-Former side through :func:`stage2_rules` (kernels transposed
+    back to torch's (out, in)), MuseCoco through ``convert.musecoco.to_hf_state_dict`` under
+    ``musecoco.`` (LoRA as ``lora_{q,k,v}.lora_{A,B}``), MusicGen (when present) through
+    ``convert.musicgen.to_hf_state_dict`` under ``blip2qformer.musicgen_decoder.decoder.``."""
+    from convert.musecoco import to_hf_state_dict as musecoco_state_dict
+    from convert.musicgen import to_hf_state_dict as musicgen_state_dict
+
+    params = param_paths(model)
+    out: dict[str, np.ndarray] = {}
+    for path, (key, transform) in stage2_rules(model.cfg).items():
+        if transform not in (_same, _transpose):  # both are their own inverse
+            raise AssertionError(f"no inverse for the transform of '{key}'")
+        out[key] = np.ascontiguousarray(transform(np.asarray(params[path][...])))
+    out[POSITION_IDS] = np.arange(model.cfg.max_position_embeddings, dtype=np.int64)[None]
+    for key, value in musecoco_state_dict(model.musecoco).items():
+        out[STAGE2_MUSECOCO_PREFIX + key] = value
+    out[FLOAT_TENSOR] = np.zeros(1, np.float32)
+    if model.musicgen is not None:
+        prefix = STAGE2_QFORMER_PREFIX + OFFICIAL_PREFIX
+        out.update(musicgen_state_dict(model.musicgen, prefix=prefix))
+    return out
+
+
+def write_state_dict(path: str | Path, tensors: Mapping[str, np.ndarray]) -> Path:
+    """Writes ``tensors`` atomically: ``.safetensors`` with safetensors, else ``torch.save`` of a
+    plain dict of tensors (what ``torch.load(weights_only=True)`` reads back)."""
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import save_file
+
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+        else:
+            import torch
+
+            def as_torch(value: np.ndarray) -> torch.Tensor:
+                if value.dtype == ml_dtypes.bfloat16:  # numpy has no bf16: through its bits
+                    return torch.from_numpy(value.view(np.int16)).view(torch.bfloat16)
+                return torch.from_numpy(np.ascontiguousarray(value))
+
+            # the arrays are read-only views of the model's buffers; torch.save only reads
+            # them, so they are wrapped as they are instead of copied (a second model in memory)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                torch.save({k: as_torch(v) for k, v in tensors.items()}, tmp)
+    return path
+
+
+def export_official(source: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """A bossa-jax stage-2 checkpoint -> ``out`` (``.pt`` or ``.safetensors``) in the released
+    ``bossa_stage2.pt`` layout (see the module docstring)."""
+    out = Path(out)
+    if out.suffix not in EXPORT_SUFFIXES:
+        raise UsageError(
+            f"{out}: give a file name ending in {', '.join(EXPORT_SUFFIXES)} for the export"
+        )
+    check_output(out, OFFICIAL_EXPORT_KIND, folder=False, overwrite=overwrite, sources=[source])
+    model = load_stage2(source)
+    return write_state_dict(out, to_official_stage2(model))
+
+
 def main(argv: Sequence[str]) -> int:
     parser = ArgumentParser(
         prog="python -m convert.bossa",
         description="Official BOSSA checkpoint (.pt) -> bossa-jax Stage1Model / Stage2Model "
         "(SPEC 7).",
     )
-    parser.add_argument("source", help="official file, e.g. bossa_stage1.pt or bossa_stage2.pt")
-    parser.add_argument("output", help="output directory (bossa-jax checkpoint)")
+    parser.add_argument(
+        "source",
+        help="official file, e.g. bossa_stage1.pt or bossa_stage2.pt (with --export-official: "
+        "a bossa-jax stage-2 checkpoint)",
+    )
+    parser.add_argument(
+        "output",
+        help="output directory (bossa-jax checkpoint; with --export-official: a .pt or "
+        ".safetensors file)",
+    )
     parser.add_argument("--stage", type=int, choices=(1, 2), required=True, help="checkpoint stage")
     parser.add_argument("--config", default="paper", help="config giving the model sizes")
     parser.add_argument(
         "--no-musicgen", action="store_true", help="leave MusicGen out (features from a cache)"
     )
+    parser.add_argument(
+        "--export-official",
+        action="store_true",
+        help="the other way: a bossa-jax stage-2 checkpoint -> the released bossa_stage2.pt layout",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     add_output_options(parser)
     args = parser.parse_args(argv)
+    if args.export_official:
+        if args.stage != 2:
+            raise UsageError("--export-official writes the stage-2 layout: give --stage 2")
+        if args.overrides or args.no_musicgen:
+            raise UsageError(
+                "--export-official takes the sizes from the checkpoint: no overrides or "
+                "--no-musicgen"
+            )
+        out = export_official(args.source, args.output, overwrite=args.overwrite)
+        print(f"wrote {out}: the official stage-2 layout (blip2qformer., musecoco., musecoco_proj)")
+        return 0
     kind = CHECKPOINT_KIND if args.stage == 1 else STAGE2_CHECKPOINT_KIND
     check_output(args.output, kind, folder=True, overwrite=args.overwrite, sources=[args.source])
     cfg = load_config(args.config, args.overrides)

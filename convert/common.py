@@ -279,6 +279,48 @@ def read_checkpoint(
     return load_state_dict(path, subkey=subkey), None
 
 
+def fairseq_parts(obj: Any, name: str) -> tuple[LazyTensors, dict[str, Any]] | None:
+    """(lazy state dict, architecture args) when ``obj`` (an unpickled checkpoint) is a fairseq
+    checkpoint dict (``model`` beside ``args`` or ``cfg``), else None; its training state
+    (optimizer, meters) is never read."""
+    if not isinstance(obj, Mapping) or "model" not in obj or not ("args" in obj or "cfg" in obj):
+        return None
+    if not isinstance(obj["model"], Mapping):
+        raise CheckpointError(f"{name}: 'model' is {type(obj['model']).__name__}, not a state dict")
+    if isinstance(obj.get("args"), argparse.Namespace):
+        args = vars(obj["args"])
+    elif isinstance(obj.get("cfg"), Mapping) and isinstance(obj["cfg"].get("model"), Mapping):
+        args = dict(obj["cfg"]["model"])
+    elif isinstance(obj.get("cfg"), Mapping) and isinstance(
+        obj["cfg"].get("model"), argparse.Namespace
+    ):
+        args = vars(obj["cfg"]["model"])
+    else:
+        raise CheckpointError(
+            f"{name}: fairseq checkpoint without 'args' (argparse.Namespace) or 'cfg.model'"
+        )
+    tensors = load_state_dict(obj["model"])
+    tensors.name = name
+    return tensors, args
+
+
+def read_fairseq_checkpoint(path: str | Path) -> tuple[LazyTensors, dict[str, Any]]:
+    """(lazy state dict, architecture args) of a fairseq checkpoint file; anything else refused."""
+    obj = _torch_load(Path(path))
+    parts = fairseq_parts(obj, str(path))
+    if parts is None and isinstance(obj, Mapping) and "model" in obj:
+        raise CheckpointError(
+            f"{path}: fairseq checkpoint without 'args' (argparse.Namespace) or 'cfg.model'"
+        )
+    if parts is None:
+        found = sorted(obj)[:6] if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(
+            f"{path}: not a fairseq checkpoint (expected a dict with 'model' and 'args'; "
+            f"found {found})"
+        )
+    return parts
+
+
 def read_hf_config(path: str | Path) -> dict[str, Any]:
     config = Path(path) / "config.json"
     if not config.is_file():

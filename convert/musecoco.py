@@ -19,6 +19,27 @@ tensors, so without a config it must be given (``--num-heads``), never guessed. 
 unexpected keys are reported together in one line; every tensor's shape is checked against the model
 by its source name.
 
+The original fairseq checkpoint of the MuseCoco release (``linear_mask-1billion``, microsoft/muzic
+``musecoco/2-attribute2music_model/linear_mask/linear/transformer_lm.py``: a
+``LinearTransformerLanguageModel`` whose ``LinearTransformerDecoder`` (``transformer.py``) holds
+``embed_tokens``, ``embed_positions``, ``layers`` (``transformer_layer.py``: fairseq's
+``TransformerDecoderLayer`` with a linear ``AttentionLayer`` as ``self_attn``), ``layer_norm``,
+``output_projection`` and a ``version`` buffer) is read too: a fairseq checkpoint dict (``model``
+beside ``args`` or ``cfg``; the optimizer state and meters beside them are never read) loaded with
+``torch.load(weights_only=True)`` and the allowlist of ``convert.common`` (``argparse.Namespace``,
+numpy scalars), each tensor memory-mapped and read once. Its names are the HF port's but for
+:data:`FAIRSEQ_RENAMED` (``decoder.output_projection.weight`` -> ``lm_head.weight``) and the
+ignored ``decoder.version``: the HF port's own conversion script does exactly this before a strict
+``load_state_dict`` (in the public repository johBac97/mirex2025-musecoco, the MuseCoco HF port
+BOSSA uses, under ``transformers/src/transformers/models/musecoco/``:
+``convert_original_model/convert_musecoco_original_pytorch_checkpoint_to_pytorch.py``, and the
+fairseq-side ``linear_transformer/attention_layer.py`` with ``q_proj``, ``k_proj``, ``v_proj``,
+``out_proj``). Sizes come from ``args``
+(``decoder_embed_dim``, ``decoder_attention_heads``, ``decoder_layers``,
+``decoder_ffn_embed_dim``, ``dropout``; checked against the tensors); an ``args`` value that
+selects another architecture than the one this port computes (:data:`FAIRSEQ_REQUIRED`) is an
+error naming it.
+
 Command: ``python -m convert.musecoco SRC OUT [--config config.json] [--num-heads 24]
 [--prefix musecoco.] [--dtype keep|float32|bfloat16]``.
 """
@@ -44,7 +65,9 @@ from bossa_jax.outputs import check_output
 from convert.common import (
     LazyTensors,
     _first_eight,
+    _torch_load,
     aligned_empty,
+    fairseq_parts,
     fill,
     load_state_dict,
     param_paths,
@@ -82,6 +105,23 @@ LORA_TABLE: tuple[tuple[str, str, bool], ...] = tuple(
     for p in ("q", "k", "v")
     for flax, hf in (("a", "A"), ("b", "B"))
 )
+# the original fairseq checkpoint (see the module docstring): its names -> the HF port's
+FAIRSEQ_RENAMED = {"decoder.output_projection.weight": "lm_head.weight"}
+FAIRSEQ_IGNORED = ("decoder.version",)
+# fairseq args that, set otherwise, select another network than MuseCoco's (and this port's):
+# learned or no positions, unscaled embeddings, an embedding LayerNorm, another activation
+FAIRSEQ_REQUIRED: dict[str, Any] = {
+    "activation_fn": "gelu",
+    "no_scale_embedding": False,
+    "decoder_learned_pos": False,
+    "no_token_positional_embeddings": False,
+    "layernorm_embedding": False,
+    "adaptive_input": False,
+    "adaptive_softmax_cutoff": None,
+    "no_decoder_final_norm": False,
+}
+# LinearTransformerDecoder builds its sinusoidal table for 8192 positions whatever the args say
+FAIRSEQ_POSITIONS = 8192
 DTYPE_NAMES = {
     np.dtype(np.float32): "float32",
     np.dtype(ml_dtypes.bfloat16): "bfloat16",
@@ -214,6 +254,68 @@ def source_to_flax(src: LazyTensors, model: MuseCoco) -> dict[str, np.ndarray]:
     return out
 
 
+def fairseq_names(src: LazyTensors) -> LazyTensors:
+    """A fairseq MuseCoco state dict under the HF port's names (nothing read)."""
+    names = {FAIRSEQ_RENAMED.get(k, k): k for k in src if k not in FAIRSEQ_IGNORED}
+    for old, new in FAIRSEQ_RENAMED.items():
+        if old in src and new in src:
+            raise CheckpointError(f"{src.name}: both '{old}' and '{new}' present")
+    return src.view(names)
+
+
+def fairseq_config(src: LazyTensors, args: Mapping[str, Any]) -> dict[str, Any]:
+    """The HF-port config (``config_from_source``'s keys) a fairseq checkpoint's ``args``
+    describe; values that contradict the tensors or select another network name the arg."""
+    for name, want in FAIRSEQ_REQUIRED.items():
+        if args.get(name, want) != want:
+            raise CheckpointError(
+                f"{src.name}: args.{name} = {args[name]!r}; MuseCoco (and this converter) "
+                f"needs {want!r}"
+            )
+    heads = args.get("decoder_attention_heads")
+    if not isinstance(heads, int) or isinstance(heads, bool):
+        raise CheckpointError(f"{src.name}: args.decoder_attention_heads missing or not an integer")
+    implied = {
+        "decoder_embed_dim": src.shape("decoder.embed_tokens.weight")[1],
+        "decoder_layers": _layer_count(src.keys()),
+        "decoder_ffn_embed_dim": src.shape("decoder.layers.0.fc1.weight")[0],
+    }
+    for name, value in implied.items():
+        if name in args and args[name] != value:
+            raise CheckpointError(
+                f"{src.name}: args.{name} = {args[name]} but the weights imply {value}"
+            )
+    return {
+        "n_head": heads,
+        "n_embd": implied["decoder_embed_dim"],
+        "vocab_size": src.shape("decoder.embed_tokens.weight")[0],
+        "n_positions": FAIRSEQ_POSITIONS,
+        "dropout": float(args.get("dropout", 0.1)),
+    }
+
+
+def read_source(
+    source: str | Path | Mapping[str, Any], prefix: str = ""
+) -> tuple[LazyTensors, dict[str, Any] | None]:
+    """(the tensors under the HF port's names, the fairseq args when ``source`` is the original
+    fairseq checkpoint, else None); a pickle is unpickled once."""
+    name = "state dict" if isinstance(source, Mapping) else str(source)
+    obj: Any = source
+    if not isinstance(source, Mapping):
+        path = Path(source)
+        pickled = path.is_file() and path.suffix != ".safetensors" and path.stat().st_size > 0
+        if not pickled:
+            return load_state_dict(path, subkey="model", prefix=prefix), None
+        obj = _torch_load(path)
+    parts = fairseq_parts(obj, name)
+    if parts is not None:
+        tensors, args = parts
+        return fairseq_names(tensors).under(prefix), args
+    tensors = load_state_dict(obj, subkey="model")  # a plain (or fairseq-wrapped) state dict
+    tensors.name = name
+    return tensors.under(prefix), None
+
+
 def convert_musecoco(
     source: str | Path | Mapping[str, Any],
     *,
@@ -223,7 +325,9 @@ def convert_musecoco(
     dtype: str | None = None,
 ) -> MuseCoco:
     """A :class:`MuseCoco` holding ``source``'s weights (see the module docstring)."""
-    src = load_state_dict(source, subkey="model", prefix=prefix)  # fairseq wraps in "model"
+    src, fairseq_args = read_source(source, prefix)
+    if hf_config is None and fairseq_args is not None:
+        hf_config = fairseq_config(src, fairseq_args)
     if hf_config is None and not isinstance(source, Mapping) and Path(source).is_dir():
         if (Path(source) / "config.json").is_file():
             hf_config = Path(source) / "config.json"
@@ -258,7 +362,9 @@ def to_hf_state_dict(model: MuseCoco) -> dict[str, np.ndarray]:
 
 def main(argv: Sequence[str]) -> int:
     parser = ArgumentParser(prog="python -m convert.musecoco", description=__doc__.split("\n")[0])
-    parser.add_argument("src", help="HF directory, .safetensors or .pt/.bin state dict")
+    parser.add_argument(
+        "src", help="HF directory, .safetensors, .pt/.bin state dict or the fairseq checkpoint"
+    )
     parser.add_argument("out", help="output bossa-jax checkpoint directory")
     parser.add_argument("--config", default=None, help="the HF port's config.json")
     parser.add_argument("--num-heads", type=int, default=None, help="without a config.json")

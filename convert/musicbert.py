@@ -26,7 +26,6 @@ allowlist of ``convert.common``; keys neither used nor listed in :data:`IGNORED_
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -43,14 +42,12 @@ from bossa_jax.errors import CheckpointError, ConfigError, run_cli
 from bossa_jax.models.qformer import FIELDS_PER_NOTE, QFormer
 from bossa_jax.outputs import check_output
 from convert.common import (
-    LazyTensors,
     TensorReader,
-    _torch_load,
     check_keys,
     check_missing,
     fill,
-    load_state_dict,
     param_paths,
+    read_fairseq_checkpoint,
 )
 
 # SPEC 2.3's table, in its order: substring replacements fairseq MusicBERT -> official BOSSA.
@@ -208,30 +205,6 @@ def values_from_official(
 
 
 # -- reading the fairseq checkpoint ----------------------------------------------------------
-
-
-def read_fairseq_checkpoint(path: str | Path) -> tuple[LazyTensors, dict[str, Any]]:
-    """(lazy state dict, architecture args) of a fairseq checkpoint; anything else refused."""
-    obj = _torch_load(Path(path))
-    if not isinstance(obj, Mapping) or "model" not in obj:
-        found = sorted(obj)[:6] if isinstance(obj, Mapping) else type(obj).__name__
-        raise CheckpointError(
-            f"{path}: not a fairseq checkpoint (expected a dict with 'model' and 'args'; "
-            f"found {found})"
-        )
-    if not isinstance(obj["model"], Mapping):
-        raise CheckpointError(f"{path}: 'model' is {type(obj['model']).__name__}, not a state dict")
-    if isinstance(obj.get("args"), argparse.Namespace):
-        args = vars(obj["args"])
-    elif isinstance(obj.get("cfg"), Mapping) and isinstance(obj["cfg"].get("model"), Mapping):
-        args = dict(obj["cfg"]["model"])
-    else:
-        raise CheckpointError(
-            f"{path}: fairseq checkpoint without 'args' (argparse.Namespace) or 'cfg.model'"
-        )
-    tensors = load_state_dict(obj["model"])
-    tensors.name = str(path)
-    return tensors, args
 
 
 def infer_config(

@@ -24,6 +24,7 @@ import pytest
 import soundfile
 
 from bossa_jax import errors
+from bossa_jax.outputs import MARKER
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILDREN = 10
@@ -72,11 +73,14 @@ def _assert_clean_interrupt(proc: subprocess.Popen, output: str, what: str) -> N
 
 def _leftovers(folder: Path) -> list[str]:
     """Temporary outputs: atomic_output's hidden siblings and orbax's unfinished step folders
-    (the children's shared JAX compilation cache is not an output)."""
+    (the children's shared JAX compilation cache is not an output, nor the marker a finished
+    output folder carries)."""
     return [
         str(p.relative_to(folder))
         for p in folder.rglob("*")
-        if (p.name.startswith(".") or "tmp" in p.name) and "jax_cache" not in p.parts
+        if (p.name.startswith(".") or "tmp" in p.name)
+        and "jax_cache" not in p.parts
+        and p.name != MARKER
     ]
 
 
@@ -127,7 +131,8 @@ def test_ctrl_c_during_the_features_command(tmp_path):
             continue
         _assert_clean_interrupt(proc, output, f"features child {i}")
         if out.exists():  # the signal came after the rename into place: a complete output
-            assert sorted(p.name for p in out.iterdir()) == sorted(FEATURE_FILES), i
+            # (with the marker every output folder carries, bossa_jax.outputs)
+            assert sorted(p.name for p in out.iterdir()) == sorted((*FEATURE_FILES, MARKER)), i
             assert np.load(out / "features.npy").shape[0] == 1
         assert not _leftovers(tmp_path), _leftovers(tmp_path)
 

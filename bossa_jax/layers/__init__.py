@@ -9,7 +9,12 @@ from flax import nnx as _nnx
 
 _nnx.use_eager_sharding(False)
 
-from bossa_jax.layers.attention import Attention, KVCache, dot_product_attention
+from bossa_jax.layers.attention import (
+    Attention,
+    AttentionProjections,
+    KVCache,
+    dot_product_attention,
+)
 from bossa_jax.layers.dropout import Dropout
 from bossa_jax.layers.linear import Embed, Linear
 from bossa_jax.layers.linear_attention import (
@@ -32,6 +37,7 @@ from bossa_jax.layers.stack import scan_modules, stack_modules
 __all__ = [
     "MLP",
     "Attention",
+    "AttentionProjections",
     "CausalLinearAttention",
     "Dropout",
     "Embed",

@@ -17,6 +17,7 @@ from flax import nnx
 
 from bossa_jax.layers.dropout import Dropout
 from bossa_jax.layers.linear import Linear, default_kernel_init
+from bossa_jax.layers.lora import LoRALinear
 
 KeyValue = tuple[jax.Array, jax.Array]  # projected keys, values: (B, L, heads, head_dim) each
 
@@ -154,8 +155,16 @@ def causal_blocks(
     return jnp.concatenate(outputs, axis=2).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-class Attention(nnx.Module):
-    """Multi-head attention with q/k/v/out projections (``kv_features`` for cross-attention)."""
+class AttentionProjections(nnx.Module):
+    """The q/k/v/out projections of multi-head attention, written once for softmax
+    :class:`Attention` and :class:`~bossa_jax.layers.linear_attention.CausalLinearAttention`.
+
+    q projects ``features`` and k/v ``kv_features`` (cross-attention; default ``features``) to
+    ``num_heads x head_dim``; ``head_dim`` defaults to ``features // num_heads``, so the remainder
+    of a width the heads do not divide is dropped (MuseCoco: 24 x 85 = 2040 of 2048, SPEC 4.5);
+    out projects back to ``features``. q/k/v are :class:`~bossa_jax.layers.lora.LoRALinear` with
+    an adapter when ``lora_rank`` > 0 (SPEC 4.4), a plain Linear (same parameter names) otherwise.
+    """
 
     def __init__(
         self,
@@ -168,6 +177,9 @@ class Attention(nnx.Module):
         dtype: jnp.dtype | None = None,
         param_dtype: jnp.dtype = jnp.float32,
         kv_axis: str = "embed",
+        lora_rank: int = 0,
+        lora_scale: float = 1.0,
+        lora_dtype: jnp.dtype = jnp.float32,
         kernel_init=default_kernel_init,
         rngs: nnx.Rngs,
     ):
@@ -182,16 +194,31 @@ class Attention(nnx.Module):
             kernel_init=kernel_init,
             rngs=rngs,
         )
-        self.q_proj = Linear(features, inner, axes=("embed", "qkv"), **common)
-        self.k_proj = Linear(kv_features, inner, axes=(kv_axis, "qkv"), **common)
-        self.v_proj = Linear(kv_features, inner, axes=(kv_axis, "qkv"), **common)
+        lora = dict(rank=lora_rank, scale=lora_scale, lora_dtype=lora_dtype)
+        self.q_proj = LoRALinear(features, inner, axes=("embed", "qkv"), **lora, **common)
+        self.k_proj = LoRALinear(kv_features, inner, axes=(kv_axis, "qkv"), **lora, **common)
+        self.v_proj = LoRALinear(kv_features, inner, axes=(kv_axis, "qkv"), **lora, **common)
         self.out_proj = Linear(inner, features, axes=("qkv", "embed"), **common)
 
     def _heads(self, x: jax.Array) -> jax.Array:
         return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
 
+    def project_q(self, x: jax.Array) -> jax.Array:
+        """(..., features) -> queries (..., heads, head_dim)."""
+        return self._heads(self.q_proj(x))
+
     def project_kv(self, kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(..., kv_features) -> keys, values (..., heads, head_dim) each."""
         return self._heads(self.k_proj(kv)), self._heads(self.v_proj(kv))
+
+    def project_out(self, out: jax.Array) -> jax.Array:
+        """Attention output (..., heads, head_dim) -> (..., features)."""
+        return self.out_proj(out.reshape(*out.shape[:-2], self.num_heads * self.head_dim))
+
+
+class Attention(AttentionProjections):
+    """Multi-head softmax attention on :class:`AttentionProjections` (``kv_features`` for
+    cross-attention)."""
 
     def __call__(
         self,
@@ -214,7 +241,7 @@ class Attention(nnx.Module):
         running decode cache; ``projected`` = :meth:`project_kv` of ``kv`` computed once by the
         caller (shared by several calls); ``dropout`` + ``dropout_rate`` drop attention
         probabilities."""
-        q = self._heads(self.q_proj(x))
+        q = self.project_q(x)
         k, v = projected if projected is not None else self.project_kv(x if kv is None else kv)
         own = (k, v)
         if past is not None:
@@ -247,5 +274,5 @@ class Attention(nnx.Module):
             dropout=dropout,
             dropout_rate=dropout_rate,
         )
-        out = self.out_proj(out.reshape(*out.shape[:-2], self.num_heads * self.head_dim))
+        out = self.project_out(out)
         return (out, own) if return_kv else (out, cache)

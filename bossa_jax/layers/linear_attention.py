@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bossa_jax.layers.linear import Linear, default_kernel_init
-from bossa_jax.layers.lora import LoRALinear
+from bossa_jax.layers.attention import AttentionProjections
+from bossa_jax.layers.linear import default_kernel_init
 
 EPS = 1e-6  # fast-transformers' CausalLinearAttention default
 # The sums run in full fp32 whatever the backend's default (TF32 on GPU, bf16 passes on TPU), as
@@ -150,10 +150,11 @@ def linear_attention_step(
     return (numerator / (normaliser[..., None] + eps)).astype(q.dtype), state
 
 
-class CausalLinearAttention(nnx.Module):
-    """Multi-head causal linear attention with q/k/v/out projections; LoRA on q/k/v when
-    ``lora_rank`` > 0 (SPEC 4.4). ``head_dim`` defaults to ``features // num_heads``: the
-    remainder of a width the heads do not divide is dropped (MuseCoco: 24 x 85 = 2040 of 2048)."""
+class CausalLinearAttention(AttentionProjections):
+    """Multi-head causal linear attention on :class:`~bossa_jax.layers.attention.
+    AttentionProjections` (the q/k/v/out projections softmax attention uses; LoRA on q/k/v when
+    ``lora_rank`` > 0, SPEC 4.4; heads ``features // num_heads`` wide by default, MuseCoco's
+    2040 of 2048)."""
 
     def __init__(
         self,
@@ -172,29 +173,24 @@ class CausalLinearAttention(nnx.Module):
         kernel_init=default_kernel_init,
         rngs: nnx.Rngs,
     ):
-        self.num_heads = num_heads
-        self.head_dim = head_dim or features // num_heads
-        self.chunk_size = chunk_size
-        self.eps = eps
-        inner = self.num_heads * self.head_dim
-        common = dict(
+        super().__init__(
+            features,
+            num_heads,
+            head_dim=head_dim,
             use_bias=use_bias,
             dtype=dtype,
             param_dtype=param_dtype,
+            lora_rank=lora_rank,
+            lora_scale=lora_scale,
+            lora_dtype=lora_dtype,
             kernel_init=kernel_init,
             rngs=rngs,
         )
-        lora = dict(rank=lora_rank, scale=lora_scale, lora_dtype=lora_dtype)
-        self.q_proj = LoRALinear(features, inner, axes=("embed", "qkv"), **lora, **common)
-        self.k_proj = LoRALinear(features, inner, axes=("embed", "qkv"), **lora, **common)
-        self.v_proj = LoRALinear(features, inner, axes=("embed", "qkv"), **lora, **common)
-        self.out_proj = Linear(inner, features, axes=("qkv", "embed"), **common)
-
-    def _heads(self, x: jax.Array) -> jax.Array:
-        return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+        self.chunk_size = chunk_size
+        self.eps = eps
 
     def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        return self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        return (self.project_q(x), *self.project_kv(x))
 
     def empty_state(self, batch: int) -> LinearAttentionState:
         return LinearAttentionState.empty(batch, self.num_heads, self.head_dim, self.head_dim)
@@ -211,7 +207,7 @@ class CausalLinearAttention(nnx.Module):
         out, state = causal_linear_attention(
             q, k, v, key_mask=key_mask, state=state, chunk_size=self.chunk_size, eps=self.eps
         )
-        return self.out_proj(out.reshape(*out.shape[:-2], -1)), state
+        return self.project_out(out), state
 
     def step(
         self,
@@ -223,4 +219,4 @@ class CausalLinearAttention(nnx.Module):
         """One position: x (B, features) -> (output (B, features), updated state)."""
         q, k, v = self._qkv(x)
         out, state = linear_attention_step(q, k, v, state, key_mask=key_mask, eps=self.eps)
-        return self.out_proj(out.reshape(*out.shape[:-2], -1)), state
+        return self.project_out(out), state

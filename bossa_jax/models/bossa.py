@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from bossa_jax import checkpoint
 from bossa_jax.config import Config, MusicgenConfig, QFormerConfig
@@ -390,9 +391,13 @@ def save_stage1(path: str | os.PathLike, model: Stage1Model, *, overwrite: bool 
     return checkpoint.save_module(path, model, config, kind=CHECKPOINT_KIND, overwrite=overwrite)
 
 
-def load_stage1(path: str | os.PathLike, *, dtype: jnp.dtype | None = None) -> Stage1Model:
+def load_stage1(
+    path: str | os.PathLike, *, dtype: jnp.dtype | None = None, mesh: Mesh | None = None
+) -> Stage1Model:
     """Restores a checkpoint written by :func:`save_stage1` (e.g. by ``python -m convert.bossa``).
-    ``dtype`` is the Q-Former compute dtype of the rebuilt model."""
+    ``dtype`` is the Q-Former compute dtype of the rebuilt model.
+    ``mesh`` (inside ``sharding.use_mesh``): restored straight into the declared shardings, each
+    device reading only its shards (``checkpoint.load_module``)."""
     stored = checkpoint.read_config(path)
     if stored.get("name") != "bossa_stage1" or not isinstance(stored.get("qformer"), dict):
         raise CheckpointError(f"{path}: not a BOSSA stage-1 checkpoint")
@@ -404,4 +409,5 @@ def load_stage1(path: str | os.PathLike, *, dtype: jnp.dtype | None = None) -> S
     return checkpoint.load_module(
         path,
         lambda: Stage1Model(qcfg, mcfg, proj_dim=proj_dim, dtype=dtype, rngs=nnx.Rngs(0)),
+        mesh=mesh,
     )

@@ -31,6 +31,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from bossa_jax import checkpoint
 from bossa_jax.config import MuseCocoConfig
@@ -237,7 +238,9 @@ def save_musecoco(path: str | os.PathLike, model: MuseCoco, *, overwrite: bool =
     return checkpoint.save_module(path, model, config, kind=CHECKPOINT_KIND, overwrite=overwrite)
 
 
-def load_musecoco(path: str | os.PathLike) -> MuseCoco:
-    """Restores a checkpoint written by :func:`save_musecoco` / ``python -m convert.musecoco``."""
+def load_musecoco(path: str | os.PathLike, *, mesh: Mesh | None = None) -> MuseCoco:
+    """Restores a checkpoint written by :func:`save_musecoco` / ``python -m convert.musecoco``.
+    ``mesh`` (inside ``sharding.use_mesh``): restored straight into the declared shardings, each
+    device reading only its shards (``checkpoint.load_module``)."""
     cfg = checkpoint.read_section(path, CONFIG_SECTION, MuseCocoConfig)
-    return checkpoint.load_module(path, lambda: MuseCoco(cfg, rngs=nnx.Rngs(0)))
+    return checkpoint.load_module(path, lambda: MuseCoco(cfg, rngs=nnx.Rngs(0)), mesh=mesh)

@@ -30,6 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from bossa_jax import checkpoint
 from bossa_jax.config import MusicgenConfig
@@ -158,12 +159,18 @@ def save_musicgen(
 
 
 def load_musicgen(
-    path: str | os.PathLike, *, dtype: str | None = None, keep_layers: int | None = None
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    keep_layers: int | None = None,
+    mesh: Mesh | None = None,
 ) -> MusicgenFeatures:
     """Restores a checkpoint written by ``python -m convert.musicgen``.
 
     ``dtype`` overrides the stored parameter/compute dtype (the restore casts); ``keep_layers``,
     when given, must equal the stored block count.
+    ``mesh`` (inside ``sharding.use_mesh``): restored straight into the declared shardings, each
+    device reading only its shards (``checkpoint.load_module``).
     """
     cfg = checkpoint.read_section(path, CONFIG_SECTION, MusicgenConfig)
     if dtype is not None:
@@ -177,4 +184,4 @@ def load_musicgen(
             f"{path}: holds {cfg.keep_layers} MusicGen blocks, but {keep_layers} are configured "
             "(musicgen.keep_layers)"
         )
-    return checkpoint.load_module(path, lambda: MusicgenFeatures(cfg, rngs=nnx.Rngs(0)))
+    return checkpoint.load_module(path, lambda: MusicgenFeatures(cfg, rngs=nnx.Rngs(0)), mesh=mesh)

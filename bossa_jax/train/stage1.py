@@ -25,7 +25,6 @@ process (each process reads only its rows of every global batch).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -33,7 +32,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +70,7 @@ from bossa_jax.train.step import (
 
 log = logging.getLogger("bossa_jax.train")
 
+M = TypeVar("M", bound=nnx.Module)
 SYMBOLIC_KEYS = ("notes", "leadsheet_mask", "pad_mask")
 STAGE2_SYMBOLIC_KEYS = ("tokens", "control_mask", "pad_mask")
 SPLIT_FILE = "split.json"  # of a synthetic corpus
@@ -120,10 +120,11 @@ def write_params(
     target: nnx.Module, source: nnx.Module, where: str, *, skip: str | Callable[[str], bool] = ""
 ) -> int:
     """Copies every parameter of ``target`` from the one at the same path in ``source``, keeping
-    the target's sharding and dtype; paths under ``skip`` (a prefix, or a predicate on the dotted
-    path) may be absent from ``source``. Returns
-    how many were written. A missing parameter or another shape is a one-line CheckpointError
-    naming ``where`` (the checkpoint) and the parameter."""
+    the target's sharding and dtype (a source restored with the target's shardings,
+    :func:`restore_for`, is not moved at all); paths under ``skip`` (a prefix, or a predicate on
+    the dotted path) may be absent from ``source``. Returns how many were written. A missing
+    parameter or another shape is a one-line CheckpointError naming ``where`` (the checkpoint)
+    and the parameter."""
     available = {p: v for p, v in nnx.iter_graph(source) if isinstance(v, nnx.Param)}
     written = 0
     for path, var in nnx.iter_graph(target):
@@ -146,17 +147,32 @@ def write_params(
     return written
 
 
-@contextlib.contextmanager
-def _host_loading() -> Iterator[None]:
-    """Checkpoints are restored outside the training mesh (orbax cannot restore into the abstract
-    shardings the training mesh gives ``nnx.eval_shape``); ``write_params`` reshards them."""
+def mesh_of(module: nnx.Module) -> Mesh | None:
+    """The mesh ``module``'s parameters are sharded over; None when they are not (a model built
+    outside ``sharding.use_mesh``)."""
+    for _, var in nnx.iter_graph(module):
+        if isinstance(var, nnx.Param):
+            placement = getattr(var.get_value(), "sharding", None)
+            return placement.mesh if isinstance(placement, NamedSharding) else None
+    return None
+
+
+def restore_for(target: nnx.Module, load: Callable[..., M], path: Path, **kw: Any) -> M:
+    """``load(path, **kw)`` for filling ``target``: straight into the shardings ``target`` is
+    declared with on its mesh (``load(..., mesh=)``: each device reads only its shards, no whole
+    parameter passes through one device or the host; call inside ``sharding.use_mesh``, as
+    :func:`build_model` does), or, for a model not sharded over a mesh, outside any mesh (orbax
+    cannot restore into the abstract shardings an active mesh gives ``nnx.eval_shape``)."""
+    mesh = mesh_of(target)
+    if mesh is not None:
+        return load(path, mesh=mesh, **kw)
     with jax.set_mesh(Mesh(np.empty((), dtype=object), ())):
-        yield
+        return load(path, **kw)
 
 
-def _load_qformer(path: Path) -> QFormer:
+def _load_qformer(path: Path, mesh: Mesh | None = None) -> QFormer:
     cfg = checkpoint.read_section(path, "qformer", QFormerConfig)
-    return checkpoint.load_module(path, lambda: QFormer(cfg, rngs=nnx.Rngs(0)))
+    return checkpoint.load_module(path, lambda: QFormer(cfg, rngs=nnx.Rngs(0)), mesh=mesh)
 
 
 def init_fn(config: Config) -> Callable[[Stage1Model], Stage1Model]:
@@ -174,8 +190,7 @@ def init_fn(config: Config) -> Callable[[Stage1Model], Stage1Model]:
         musicgen_loaded = False
         if cfg.init_from:
             path = _require_path(cfg.init_from, "init_from", "stage-1 checkpoint")
-            with _host_loading():
-                source = load_stage1(path)
+            source = restore_for(model, load_stage1, path)
             # MusicGen too when the checkpoint has it; without it, it must come from elsewhere
             write_params(model, source, str(path), skip="musicgen")
             musicgen_loaded = source.musicgen is not None
@@ -183,8 +198,7 @@ def init_fn(config: Config) -> Callable[[Stage1Model], Stage1Model]:
             del source
         if cfg.qformer_init:
             path = _require_path(cfg.qformer_init, "qformer_init", "converted Q-Former")
-            with _host_loading():
-                source = _load_qformer(path)
+            source = restore_for(model.qformer, _load_qformer, path)
             write_params(model.qformer, source, str(path))
             log.info("initialised the Q-Former from %s", path)
         init_musicgen(model.musicgen, config.data, musicgen_loaded)
@@ -233,8 +247,7 @@ def init_musicgen(musicgen: nnx.Module | None, cfg: DataConfig, loaded: bool) ->
         )
         from bossa_jax.models.musicgen import load_musicgen
 
-        with _host_loading():
-            source = load_musicgen(path, dtype=musicgen.cfg.dtype)
+        source = restore_for(musicgen, load_musicgen, path, dtype=musicgen.cfg.dtype)
         write_params(musicgen, source, str(path))
         log.info("initialised MusicGen from %s", path)
     elif not loaded:

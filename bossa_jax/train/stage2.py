@@ -19,8 +19,10 @@ Initialisation (:func:`init_fn`): ``stage2.init_from`` (a stage-1 checkpoint) fi
 LayerNorm, the Q-Former's query branch (its symbolic parameters are not used) and MusicGen when
 the checkpoint has it; ``stage2.musecoco_checkpoint`` fills MuseCoco (and its LoRA when the
 checkpoint has adapters; otherwise they keep their init, B = 0); ``data.musicgen_checkpoint``
-fills MusicGen in codes mode. Whatever is not given stays random, with a warning: a smoke run
-(``train.py stage2 --config configs/tiny.yaml``) needs no checkpoint at all.
+fills MusicGen in codes mode. Each checkpoint is restored straight into the sharded model's
+layout (:func:`~bossa_jax.train.stage1.restore_for`: each device reads only its shards). Whatever
+is not given stays random, with a warning: a smoke run (``train.py stage2 --config
+configs/tiny.yaml``) needs no checkpoint at all.
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ from bossa_jax.models.musecoco import load_musecoco
 from bossa_jax.train import loop
 from bossa_jax.train.optim import make_optimizer
 from bossa_jax.train.stage1 import (
-    _host_loading,
     _require_path,
     check_fills_batch,
     check_musicgen_source,
@@ -59,6 +60,7 @@ from bossa_jax.train.stage1 import (
     frozen_musicgen_config,
     init_musicgen,
     load_split,
+    restore_for,
     train_data,
     write_params,
 )
@@ -117,8 +119,7 @@ def init_fn(config: Config) -> Callable[[Stage2Model], Stage2Model]:
         musicgen_loaded = False
         if cfg.init_from:
             path = _require_path(cfg.init_from, "init_from", "stage-1 checkpoint", "stage2")
-            with _host_loading():
-                source = load_stage1(path)
+            source = restore_for(model, load_stage1, path)
             write_params(model.audio_layer_norm, source.audio_layer_norm, str(path))
             write_params(model.qformer, source.qformer, str(path))
             if model.musicgen is not None and source.musicgen is not None:
@@ -135,8 +136,7 @@ def init_fn(config: Config) -> Callable[[Stage2Model], Stage2Model]:
             path = _require_path(
                 cfg.musecoco_checkpoint, "musecoco_checkpoint", "converted MuseCoco", "stage2"
             )
-            with _host_loading():
-                source = load_musecoco(path)
+            source = restore_for(model.musecoco, load_musecoco, path)
             # a converted HF-port MuseCoco has no adapters: they keep their init (B = 0)
             write_params(model.musecoco, source, str(path), skip=_is_lora)
             log.info("initialised MuseCoco from %s", path)

@@ -15,7 +15,7 @@ from transformers import MusicgenDecoderConfig, MusicgenModel
 
 from bossa_jax.cli import UsageError
 from bossa_jax.config import load_config
-from bossa_jax.errors import CheckpointError
+from bossa_jax.errors import BossaError, CheckpointError
 from bossa_jax.models.bossa import load_stage1
 from convert.bossa import LAVIS_ALIASES, convert_stage1, main
 from convert.common import param_paths
@@ -194,3 +194,70 @@ def test_projection_width_comes_from_the_checkpoint(official):
     mixed = dict(narrow, **{k: tensors[k] for k in ("symbo_proj.weight", "symbo_proj.bias")})
     with pytest.raises(CheckpointError, match="shape mismatch for 'symbo_proj.weight'"):
         convert_stage1(mixed, CFG, with_musicgen=False)
+
+
+def test_stage2_official_export_round_trip(tmp_path, capsys):
+    """Official stage-2 state dict -> bossa-jax (``--stage 2``) -> the official layout again
+    (``--export-official``): every key comes back, every value equal (``_float_tensor`` is
+    fairseq's uninitialised dtype buffer: its shape only)."""
+    from tests.models.test_arranger import MUSECOCO_KWARGS, Stage2Torch, ref_config, state_dict
+
+    torch.manual_seed(1)
+    ref = Stage2Torch(ref_config(), MUSECOCO_KWARGS)
+    with torch.no_grad():  # every weight off its trivial init (LoRA B = 0, LN 1/0, zero biases)
+        for p in ref.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    official = state_dict(ref)
+    source = tmp_path / "bossa_stage2.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in official.items()}, source)
+    ours = tmp_path / "stage2"
+    args = ["--stage", "2", "--config", "tiny", *OVERRIDES, "--no-musicgen"]
+    assert main([str(source), str(ours), *args]) == 0
+    exported = tmp_path / "export" / "bossa_stage2.pt"
+    assert main([str(ours), str(exported), "--stage", "2", "--export-official"]) == 0
+    assert "official stage-2 layout" in capsys.readouterr().out
+    back = {k: v.numpy() for k, v in torch.load(exported, weights_only=True).items()}
+    assert back.keys() == official.keys()
+    for key, value in official.items():
+        if key.endswith("_float_tensor"):
+            assert back[key].shape == value.shape
+            continue
+        assert back[key].dtype == value.dtype, key
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
+    # safetensors too, the same tensors
+    from safetensors.numpy import load_file
+
+    from convert.bossa import export_official
+
+    again = export_official(ours, tmp_path / "export" / "bossa_stage2.safetensors")
+    for key, value in load_file(str(again)).items():
+        np.testing.assert_array_equal(value, back[key], err_msg=key)
+    # refused in one line, nothing written: no file suffix, stage 1, an existing file
+    with pytest.raises(UsageError, match="file name ending in .pt"):
+        main([str(ours), str(tmp_path / "x"), "--stage", "2", "--export-official"])
+    with pytest.raises(UsageError, match="give --stage 2"):
+        main([str(ours), str(tmp_path / "x.pt"), "--stage", "1", "--export-official"])
+    with pytest.raises(BossaError, match="exists; pass --overwrite"):
+        main([str(ours), str(exported), "--stage", "2", "--export-official"])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.pt").exists()
+
+
+def test_stage2_export_keeps_musicgen(tmp_path):
+    """A stage-2 model with the frozen MusicGen -> the official layout -> back: every parameter
+    equal, MusicGen under ``blip2qformer.musicgen_decoder.decoder.`` with the names the
+    converter reads."""
+    from bossa_jax.models.arranger import Stage2Model, save_stage2
+    from convert.bossa import convert_stage2, export_official
+
+    model = Stage2Model(CFG.qformer, CFG.musecoco, CFG.musicgen, rngs=nnx.Rngs(4))
+    for var in param_paths(model).values():  # every weight off its trivial init
+        var[...] = var[...] + 0.1
+    save_stage2(tmp_path / "ours", model)
+    exported = export_official(tmp_path / "ours", tmp_path / "bossa_stage2.pt")
+    state = torch.load(exported, weights_only=True)
+    assert any(k.startswith("blip2qformer.musicgen_decoder.decoder.layers.") for k in state)
+    back = _params(convert_stage2(exported, CFG, with_musicgen=True))
+    want = _params(model)
+    assert back.keys() == want.keys()
+    for key, value in want.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=key)

@@ -3,7 +3,11 @@ MuseCoco, round trip, the official key list, and bad checkpoints named in one li
 
 from __future__ import annotations
 
+import argparse
+import collections
+import fractions
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -120,3 +124,87 @@ def test_command_errors_are_one_line_and_write_nothing(tmp_path, capsys, weights
     err = capsys.readouterr().err
     assert err.startswith("error:") and "lm_head.weight" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def _fairseq_checkpoint(weights, **arg_changes):
+    """The original MuseCoco release layout (fairseq 0.10 ``save_state``): ``args`` (a Namespace
+    of ``linear_transformer_lm_1billion``'s fields), ``model`` (decoder names, the head as
+    ``decoder.output_projection``, the ``decoder.version`` buffer) and the training state beside
+    them (optimizer history with a numpy best loss, extra state, Adam moments)."""
+    model = collections.OrderedDict()
+    for key, value in weights.items():
+        if "lora" not in key:  # the release has no adapters
+            model[FAIRSEQ_HEAD if key == "lm_head.weight" else key] = torch.from_numpy(value)
+    model["decoder.version"] = torch.Tensor([3])
+    args = dict(
+        arch="linear_transformer_lm_1billion",
+        task="language_modeling_control",
+        decoder_embed_dim=CFG.hidden_size,
+        decoder_ffn_embed_dim=CFG.ffn_dim,
+        decoder_layers=CFG.num_hidden_layers,
+        decoder_attention_heads=CFG.num_attention_heads,
+        decoder_normalize_before=True,
+        activation_fn="gelu",
+        dropout=0.1,
+        no_scale_embedding=False,
+        decoder_learned_pos=False,
+        share_decoder_input_output_embed=False,
+        adaptive_softmax_cutoff=None,
+        command_embed_dim=128,
+    )
+    args.update(arg_changes)
+    return {
+        "args": argparse.Namespace(**args),
+        "model": model,
+        "optimizer_history": [
+            {
+                "criterion_name": "CrossEntropyCriterion",
+                "optimizer_name": "FairseqAdam",
+                "lr_scheduler_state": {"best": np.float64(1.25)},
+                "num_updates": 7,
+            }
+        ],
+        "extra_state": {"epoch": 2, "val_loss": np.float64(1.5), "train_iterator": {"epoch": 2}},
+        "last_optimizer_state": {"state": {0: {"exp_avg": torch.ones(5)}}, "param_groups": []},
+    }
+
+
+FAIRSEQ_HEAD = "decoder.output_projection.weight"
+
+
+def test_original_fairseq_checkpoint(tmp_path, weights, capsys):
+    """The fairseq checkpoint of the MuseCoco release converts to the same model as the HF port
+    of the same weights; its args give the sizes; bad args and disallowed pickles are one line."""
+    base = {k: v for k, v in weights.items() if "lora" not in k}
+    want = export(convert_musecoco(base, num_heads=CFG.num_attention_heads))
+    path = tmp_path / "checkpoint_best.pt"
+    torch.save(_fairseq_checkpoint(weights), path)
+    model = convert_musecoco(path)  # heads, sizes and dropout from args
+    assert model.cfg.num_attention_heads == CFG.num_attention_heads and not model.cfg.lora
+    assert model.cfg.max_positions == 8192 and model.cfg.dropout == 0.1
+    got = export(model)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+    # the command too
+    assert main([str(path), str(tmp_path / "out")]) == 0
+    assert "3 heads of 21" in capsys.readouterr().out
+    for key, value in export(load_musecoco(tmp_path / "out")).items():
+        np.testing.assert_array_equal(value, want[key], err_msg=key)
+    # args that select another network, contradict the weights or lack the head count
+    for changes, says in (
+        ({"activation_fn": "relu"}, "args.activation_fn = 'relu'"),
+        ({"decoder_learned_pos": True}, "args.decoder_learned_pos = True"),
+        ({"decoder_layers": 3}, "args.decoder_layers = 3 but the weights imply 2"),
+        ({"decoder_attention_heads": None}, "args.decoder_attention_heads missing"),
+    ):
+        torch.save(_fairseq_checkpoint(weights, **changes), tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError, match=re.escape(says)):
+            convert_musecoco(tmp_path / "bad.pt")
+    # anything but tensors and the allowlisted globals is never unpickled
+    odd = _fairseq_checkpoint(weights)
+    odd["extra_state"]["meters"] = fractions.Fraction(1, 3)
+    torch.save(odd, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="refusing to unpickle.*Fraction") as err:
+        convert_musecoco(tmp_path / "odd.pt")
+    assert "\n" not in str(err.value)

@@ -77,7 +77,12 @@ def _wait_for_checkpoint(proc: subprocess.Popen, ckpt_dir: Path, timeout: float 
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
             raise AssertionError(f"toy run ended early:\n{proc.stdout.read()}")
-        if any((d / "commit_success.txt").exists() for d in ckpt_dir.glob("[0-9]*")):
+        # only a renamed "<step>" folder is committed: orbax writes commit_success.txt into its
+        # "<step>.orbax-checkpoint-tmp-*" folder first
+        if any(
+            d.name.isdigit() and (d / "commit_success.txt").exists()
+            for d in ckpt_dir.glob("[0-9]*")
+        ):
             return
         time.sleep(0.05)
     proc.kill()

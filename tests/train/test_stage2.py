@@ -229,7 +229,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(corpus, tmp_path):
     out = tmp_path / "killed"
     proc = _stage2_process(corpus, out)
     ckpt_dir, t0 = out / "checkpoints", time.time()
-    while not any((d / "commit_success.txt").exists() for d in ckpt_dir.glob("[0-9]*")):
+    # a committed step is a folder named by the number alone: orbax writes commit_success.txt
+    # into its "<step>.orbax-checkpoint-tmp-*" folder before renaming it into place
+    while not any(
+        d.name.isdigit() and (d / "commit_success.txt").exists() for d in ckpt_dir.glob("[0-9]*")
+    ):
         if proc.poll() is not None:
             pytest.fail(f"stage-2 run ended before its first checkpoint:\n{proc.stdout.read()}")
         if time.time() - t0 > 600:
