@@ -26,8 +26,8 @@ query-only Q-Former (768, 12 layers) + audio LayerNorm + projection 768 -> 2048 
 weights, the official trainable set with the LoRA matrices, AdamW state fp32), MuseCoco-xLarge
 (24 x 2048, 24 heads of 85, FFN 8192, LoRA r16 on q/k/v; frozen, bf16) and in codes mode the frozen
 MusicGen-Large (25 blocks, bf16); global batch 32 (SPEC 7), 32 queries + 1000 tokens, bf16
-compute. ``--remat`` there sets ``musecoco.remat`` (each MuseCoco block recomputed in the backward
-pass) and ``qformer.remat``.
+compute. ``--remat`` sets ``qformer.remat`` only (MuseCoco has no remat option: at batch 32 every
+preset fits without it, see bench/results/memory_plan_stage2.json).
 
 Usage: .venv/bin/python bench/memory_plan.py [--presets single gpu8_fsdp ...]
                                               [--modes codes features] [--stage 2] [--remat]
@@ -145,7 +145,6 @@ def worker(preset: str, mode: str, batch: int, remat: bool, stage: int = 1) -> d
         overrides += [
             f"stage2.train.global_batch_size={batch}",
             "stage2.train.compute_dtype=bfloat16",
-            *(["musecoco.remat=true"] if remat else []),
         ]
     cfg = load_config(ROOT / "configs" / "paper.yaml", overrides)
     mesh = sharding.make_mesh(cfg.mesh)
