@@ -64,7 +64,7 @@ def build(smoke: bool, tokens_per_window: int):
         "audio.frontend=mel",
         f"audio.n_mels={N_MELS}",
         f"qformer.encoder_width={N_MELS}",
-        "stage1.audio_input=features",
+        "data.audio_input=features",
         f"arrange.max_new_tokens={tokens_per_window}",
         "musecoco.dtype=float32",
         "musecoco.vocab_size=1253",

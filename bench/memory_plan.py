@@ -21,9 +21,17 @@ tens of percent; the parameter / optimizer / frozen figures are exact.
 Each preset runs in its own process with as many fake devices as the preset's target machine
 (8 for single/gpu8_fsdp, 16 for the 2-host and TPU v5e-16 presets).
 
+``--stage 2`` plans the paper-size stage-2 step (bossa_jax.train.stage2) the same way: the
+query-only Q-Former (768, 12 layers) + audio LayerNorm + projection 768 -> 2048 (fp32 master
+weights, the official trainable set with the LoRA matrices, AdamW state fp32), MuseCoco-xLarge
+(24 x 2048, 24 heads of 85, FFN 8192, LoRA r16 on q/k/v; frozen, bf16) and in codes mode the frozen
+MusicGen-Large (25 blocks, bf16); global batch 32 (SPEC 7), 32 queries + 1000 tokens, bf16
+compute. ``--remat`` sets ``qformer.remat`` only (MuseCoco has no remat option: at batch 32 every
+preset fits without it, see bench/results/memory_plan_stage2.json).
+
 Usage: .venv/bin/python bench/memory_plan.py [--presets single gpu8_fsdp ...]
-                                              [--modes codes features]
-Writes bench/results/memory_plan.json.
+                                              [--modes codes features] [--stage 2] [--remat]
+Writes bench/results/memory_plan.json (stage 2: memory_plan_stage2.json).
 """
 
 from __future__ import annotations
@@ -56,7 +64,69 @@ def _shard_bytes(tree) -> int:
     return int(total)
 
 
-def worker(preset: str, mode: str, batch: int, remat: bool) -> dict:
+def stage2_abstract_step(config, mesh, global_batch: int):
+    """The stage-2 step with abstract (shape, dtype, sharding) arguments, as
+    ``stage1.abstract_step`` builds stage 1's: nothing is allocated (call inside
+    ``sharding.use_mesh``)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from bossa_jax import sharding
+    from bossa_jax.train import stage1, stage2
+    from bossa_jax.train.optim import make_optimizer
+    from bossa_jax.train.step import (
+        TrainState,
+        batch_shardings,
+        make_train_step,
+        opt_state_shardings,
+    )
+
+    train_cfg = config.stage2.train
+    abstract = stage1._sharded_abstract
+    model = nnx.eval_shape(stage2.model_fn(config))
+    graphdef, params, frozen = nnx.split(model, stage2.trainable(config.stage2), ...)
+    param_sharding = sharding.named_shardings(params, mesh)
+    frozen_sharding = sharding.named_shardings(frozen, mesh)
+    params, frozen = abstract(params, param_sharding), abstract(frozen, frozen_sharding)
+    tx = make_optimizer(train_cfg.optim, train_cfg.total_steps)
+    opt_sharding = opt_state_shardings(tx, params, param_sharding, mesh)
+    opt_state = abstract(jax.eval_shape(tx.init, params), opt_sharding)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, opt_state)
+    state_sharding = TrainState(replicated, param_sharding, opt_sharding)
+    # the stage-2 pipeline's batch (bossa_jax.data.pipeline: SPEC 4.3, 6.5)
+    tokens = 1000
+    batch = {
+        "tokens": jax.ShapeDtypeStruct((global_batch, tokens), jnp.int32),
+        "control_mask": jax.ShapeDtypeStruct((global_batch, tokens), jnp.bool_),
+        "pad_mask": jax.ShapeDtypeStruct((global_batch, tokens), jnp.bool_),
+        "audio_mask": jax.ShapeDtypeStruct((global_batch, config.audio.pattern_steps), jnp.float32),
+    }
+    audio = stage1.batch_spec(config, global_batch)
+    batch.update({k: audio[k] for k in ("codes", "features") if k in audio})
+    b_sharding = batch_shardings(mesh, batch)
+    batch = abstract(batch, b_sharding)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+    jitted = make_train_step(
+        graphdef,
+        stage2.make_loss_fn(config.stage2),
+        tx,
+        state_sharding=state_sharding,
+        frozen_sharding=frozen_sharding,
+        batch_sharding=b_sharding,
+        mesh=mesh,
+        compute_dtype=jnp.dtype(train_cfg.compute_dtype),
+    )
+    nbytes = stage1._bytes
+    return stage1.AbstractStep(
+        jitted, (state, frozen, batch, rng), nbytes(params), nbytes(opt_state), nbytes(frozen)
+    )
+
+
+def worker(preset: str, mode: str, batch: int, remat: bool, stage: int = 1) -> dict:
     import jax
 
     from bossa_jax import sharding
@@ -64,19 +134,25 @@ def worker(preset: str, mode: str, batch: int, remat: bool) -> dict:
     from bossa_jax.train import stage1
 
     shape = dict(load_config(ROOT / "configs" / "mesh" / f"{preset}.yaml").mesh.shape)
-    cfg = load_config(
-        ROOT / "configs" / "paper.yaml",
-        [
-            f"mesh.shape={json.dumps(shape)}",
-            f"data.audio_input={mode}",
-            f"train.global_batch_size={batch}",
-            "train.compute_dtype=bfloat16",
-            f"qformer.remat={str(remat).lower()}",
-        ],
-    )
+    overrides = [
+        f"mesh.shape={json.dumps(shape)}",
+        f"data.audio_input={mode}",
+        f"qformer.remat={str(remat).lower()}",
+    ]
+    if stage == 1:
+        overrides += [f"train.global_batch_size={batch}", "train.compute_dtype=bfloat16"]
+    else:
+        overrides += [
+            f"stage2.train.global_batch_size={batch}",
+            "stage2.train.compute_dtype=bfloat16",
+        ]
+    cfg = load_config(ROOT / "configs" / "paper.yaml", overrides)
     mesh = sharding.make_mesh(cfg.mesh)
     with sharding.use_mesh(mesh, sharding.rules_of(cfg.mesh)):
-        step = stage1.abstract_step(cfg, mesh, batch)
+        if stage == 1:
+            step = stage1.abstract_step(cfg, mesh, batch)
+        else:
+            step = stage2_abstract_step(cfg, mesh, batch)
         state, frozen, batch_args, _ = step.args
         t0 = time.perf_counter()
         lowered = step.jitted.lower(*step.args)
@@ -100,6 +176,7 @@ def worker(preset: str, mode: str, batch: int, remat: bool) -> dict:
         + per_device["temporaries"]
     )
     return {
+        "stage": stage,
         "preset": preset,
         "mode": mode,
         "remat": remat,
@@ -129,14 +206,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="*", default=list(PRESET_DEVICES))
     parser.add_argument("--modes", nargs="*", default=["codes", "features"])
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--stage", type=int, choices=[1, 2], default=1)
+    parser.add_argument("--batch", type=int, help="global batch (default: 128, stage 2: 32)")
     parser.add_argument("--append", action="store_true", help="merge into the existing JSON")
     parser.add_argument("--remat", action="store_true", help="qformer.remat=true (recompute)")
     parser.add_argument("--worker", nargs=2, metavar=("PRESET", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.batch is None:
+        args.batch = 128 if args.stage == 1 else 32
     if args.worker:
-        print("RESULT " + json.dumps(worker(*args.worker, args.batch, args.remat)), flush=True)
+        result = worker(*args.worker, args.batch, args.remat, args.stage)
+        print("RESULT " + json.dumps(result), flush=True)
         return
 
     rows = []
@@ -147,6 +228,7 @@ def main() -> None:
             env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={PRESET_DEVICES[preset]}"
             env["PYTHONPATH"] = str(ROOT)
             cmd = [sys.executable, __file__, "--worker", preset, mode, "--batch", str(args.batch)]
+            cmd += ["--stage", str(args.stage)]
             cmd += ["--remat"] if args.remat else []
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -162,7 +244,9 @@ def main() -> None:
 
     cols = ("params", "opt_state", "frozen", "batch", "temporaries", "peak_estimate")
     header = f"{'preset':16} {'mode':14} {'dev':>3} " + " ".join(f"{c:>13}" for c in cols)
-    print(f"\nper-device GB (paper-size stage 1, global batch {args.batch}, bf16 compute)")
+    print(
+        f"\nper-device GB (paper-size stage {args.stage}, global batch {args.batch}, bf16 compute)"
+    )
     print(header + "  fits 80GB / 16GB")
     for r in rows:
         if "error" in r:
@@ -177,7 +261,7 @@ def main() -> None:
     from bossa_jax.outputs import atomic_output
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "memory_plan.json"
+    out = RESULTS / ("memory_plan.json" if args.stage == 1 else "memory_plan_stage2.json")
     if args.append and out.is_file():  # keep the other presets' rows of an earlier run
         done = {_key(r) for r in rows}
         old_rows = json.loads(out.read_text())["rows"]

@@ -290,6 +290,47 @@ def sdpa_self_attention(self, hidden_states, attention_mask=None, encoder_hidden
     return context, (key, value)
 
 
+def torch_musicgen(mg):
+    """The official frozen audio model for a ``MusicgenConfig``: HF ``MusicgenModel`` with the
+    first ``keep_layers`` blocks (the official builds L // 2 + 1 of them, SPEC 1.3), eval mode,
+    no gradients."""
+    from transformers import MusicgenDecoderConfig, MusicgenModel
+
+    musicgen = MusicgenModel(
+        MusicgenDecoderConfig(
+            vocab_size=mg.vocab_size,
+            hidden_size=mg.hidden_size,
+            num_attention_heads=mg.num_attention_heads,
+            ffn_dim=mg.ffn_dim,
+            num_hidden_layers=mg.keep_layers,
+            num_codebooks=mg.num_codebooks,
+        )
+    ).eval()
+    musicgen.requires_grad_(False)
+    return musicgen
+
+
+def torch_musicgen_features(musicgen, codes):
+    """``Blip2Qformer.forward``'s audio path: delay pattern, the zero unconditional text state with
+    its zero mask, the truncated MusicgenModel's last hidden state, under no_grad (SPEC 1.2-1.3).
+    ``codes`` (B, K, frames) int64 -> (B, frames + K, width)."""
+    import torch
+
+    cfg = musicgen.config
+    with torch.no_grad():
+        batch, k, frames = codes.shape
+        pattern = torch.full((batch, k, frames + k), cfg.vocab_size, dtype=torch.long)
+        for i in range(k):
+            pattern[:, i, 1 + i : 1 + i + frames] = codes[:, i]
+        text = torch.zeros(batch, 1, cfg.hidden_size)
+        text_mask = torch.zeros(batch, 1, dtype=torch.long)
+        return musicgen(
+            input_ids=pattern.reshape(batch * k, frames + k),
+            encoder_hidden_states=text,
+            encoder_attention_mask=text_mask,
+        ).last_hidden_state
+
+
 def torch_official_runner(cfg, local, *, fast: bool):
     """(run(steps) -> seconds per step, info) for the official stage-1 step in PyTorch (see the
     module docstring: ``fast=False`` as the official code, ``fast=True`` the fastest variant)."""
@@ -297,24 +338,12 @@ def torch_official_runner(cfg, local, *, fast: bool):
 
     import numpy as np
     import torch
-    from transformers import MusicgenDecoderConfig, MusicgenModel
 
     from tests.reference.losses_torch import Stage1Torch
     from tests.reference.qformer_torch import BertSelfAttention
 
     torch.manual_seed(0)
-    mg = cfg.musicgen
-    musicgen = MusicgenModel(
-        MusicgenDecoderConfig(
-            vocab_size=mg.vocab_size,
-            hidden_size=mg.hidden_size,
-            num_attention_heads=mg.num_attention_heads,
-            ffn_dim=mg.ffn_dim,
-            num_hidden_layers=mg.keep_layers,  # the official builds L // 2 + 1 blocks (SPEC 1.3)
-            num_codebooks=mg.num_codebooks,
-        )
-    ).eval()
-    musicgen.requires_grad_(False)
+    musicgen = torch_musicgen(cfg.musicgen)
     model = Stage1Torch(ref_config(cfg.qformer)).train()
     if fast:
         for module in model.modules():
@@ -331,29 +360,11 @@ def torch_official_runner(cfg, local, *, fast: bool):
     )
     codes = torch.from_numpy(np.asarray(local["codes"], np.int64))
     args = torch_batch_args(local)
-    special = mg.vocab_size
-
-    def audio_features() -> torch.Tensor:
-        # Blip2Qformer.forward: delay pattern, the zero unconditional text state with its zero
-        # mask, the truncated MusicgenModel's last hidden state, all under no_grad (SPEC 1.2-1.3)
-        with torch.no_grad():
-            batch, k, frames = codes.shape
-            pattern = torch.full((batch, k, frames + k), special, dtype=torch.long)
-            for i in range(k):
-                pattern[:, i, 1 + i : 1 + i + frames] = codes[:, i]
-            text = torch.zeros(batch, 1, mg.hidden_size)
-            text_mask = torch.zeros(batch, 1, dtype=torch.long)
-            return musicgen(
-                input_ids=pattern.reshape(batch * k, frames + k),
-                encoder_hidden_states=text,
-                encoder_attention_mask=text_mask,
-            ).last_hidden_state
-
     box = {}
 
     def one() -> float:
         opt.zero_grad(set_to_none=True)
-        out = model(audio_features(), *args, official_only=True)
+        out = model(torch_musicgen_features(musicgen, codes), *args, official_only=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(
             model.parameters(), o.grad_clip_norm, foreach=True if fast else None
