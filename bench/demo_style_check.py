@@ -61,6 +61,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--windows", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--top-k", type=int, default=15)
+    parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
 
@@ -71,7 +73,7 @@ def main(argv: list[str]) -> int:
     style_of = {}
     for line in (corpus / "manifest.jsonl").read_text().splitlines():
         entry = json.loads(line)
-        style_of[entry["id"]] = entry["style"]
+        style_of[f"{entry['dataset']}/{entry['id']}"] = entry["style"]
     sources, _ = readers.manifest_sources(corpus / "manifest.jsonl")
     records, _ = readers.read_songs(sources, split="test", require_audio=True)
     chosen: list = []
@@ -96,7 +98,8 @@ def main(argv: list[str]) -> int:
     silence = (mel.FLOOR_DB - mel.CENTER_DB) / mel.SCALE_DB
     silent = (np.full_like(references[0][1], silence), references[0][2].copy())
 
-    sampler = Sampler(model.musecoco, SamplingSettings(top_k=15))
+    settings = SamplingSettings(top_k=args.top_k, temperature=args.temperature)
+    sampler = Sampler(model.musecoco, settings)
     max_tokens = config.stage2.max_tokens
     jobs = []  # (lead id, window, reference id or "silent", feats, mask)
     for lead_id, window in items:
@@ -123,6 +126,8 @@ def main(argv: list[str]) -> int:
             lead = window.leadsheet.events.copy()
             lead[:, BAR] -= window.start_bar
             predicted = sc.classify(rows, lead) if len(rows) else sc.UNKNOWN
+            # the accompaniment register alone (the corpus keeps it below the melody's)
+            register = sc.classify(rows) if len(rows) else sc.UNKNOWN
             results.append(
                 {
                     "leadsheet": lead_id,
@@ -130,6 +135,7 @@ def main(argv: list[str]) -> int:
                     "lead_style": style_of[lead_id],
                     "ref_style": style_of.get(ref_id, "silent"),
                     "predicted": predicted,
+                    "predicted_register": register,
                     "melody": melody_kept(rows, window.leadsheet, window.start_bar),
                     "notes": len(rows),
                     "skipped_tokens": skipped,
@@ -138,8 +144,8 @@ def main(argv: list[str]) -> int:
             )
         print(f"{min(i + args.batch, len(jobs))}/{len(jobs)} arrangements", flush=True)
 
-    def accuracy(rows):
-        return sum(r["predicted"] == r["ref_style"] for r in rows) / max(len(rows), 1)
+    def accuracy(rows, key="predicted"):
+        return sum(r[key] == r["ref_style"] for r in rows) / max(len(rows), 1)
 
     audio_rows = [r for r in results if r["reference"] != "silent"]
     meter = [r for r in audio_rows if (r["ref_style"] == "waltz") == (r["lead_style"] == "waltz")]
@@ -152,6 +158,8 @@ def main(argv: list[str]) -> int:
         "style_accuracy_meter_agrees": accuracy(meter),
         "style_accuracy_4_4_only": accuracy(four),
         "style_accuracy_paired": accuracy(paired),
+        "style_accuracy_4_4_only_register": accuracy(four, "predicted_register"),
+        "style_accuracy_all_register": accuracy(audio_rows, "predicted_register"),
         "silent_control_predictions": dict(Counter(r["predicted"] for r in silent_rows)),
         "silent_control_matches_lead_style": sum(
             r["predicted"] == r["lead_style"] for r in silent_rows
@@ -161,6 +169,8 @@ def main(argv: list[str]) -> int:
         "mean_notes": float(np.mean([r["notes"] for r in audio_rows])),
         "mean_skipped_tokens": float(np.mean([r["skipped_tokens"] for r in audio_rows])),
         "chance_4_4": 1 / 5,
+        "top_k": args.top_k,
+        "temperature": args.temperature,
         "seconds": round(time.perf_counter() - started, 1),
     }
     counts = sc.confusion_matrix(
