@@ -29,6 +29,7 @@ from bossa_jax.errors import ConfigError, one_line
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DTYPES = ("float32", "bfloat16", "float16")
+STAGE1_LOSSES = ("itc", "itm", "itg")  # contrastive, matching, grounded generation (SPEC 3)
 T = TypeVar("T")
 
 
@@ -385,6 +386,11 @@ class Stage1Config(Section):
     the official plain cut (SPEC 11.11); ``clamp_clips`` True clamps training clips into the song,
     False is the official slice whose negative start gives an empty clip (SPEC 10.12);
     ``transpose`` applies to validation too, as in the official code (SPEC 10.6).
+
+    ``losses``: the stage-1 objectives summed into the training loss (SPEC 3.6; paper Table 2's
+    ablations): any of ``itc`` (contrastive), ``itm`` (matching), ``itg`` (grounded generation),
+    each at most once; the default (and the official code) trains all three. A left-out objective
+    is not computed at all (its forward pass is skipped), so an ablation costs less per step.
     """
 
     audio_input: str = option("codes", one_of("codes", "features"))
@@ -410,8 +416,17 @@ class Stage1Config(Section):
     eval_batches: int = option(2, NON_NEGATIVE)
     num_threads: int = option(2, POSITIVE)
     prefetch: int = option(4, NON_NEGATIVE)
+    losses: tuple[str, ...] = option(STAGE1_LOSSES, one_of(*STAGE1_LOSSES))
 
     def check_relations(self, prefix: str) -> None:
+        _require(
+            bool(self.losses), f"{prefix}.losses", f"must name at least one of {STAGE1_LOSSES}"
+        )
+        _require(
+            len(set(self.losses)) == len(self.losses),
+            f"{prefix}.losses",
+            f"names a loss twice: {list(self.losses)}",
+        )
         _require(
             not (self.qformer_init and self.init_from),
             f"{prefix}.qformer_init",
