@@ -522,6 +522,38 @@ class Stage2Config(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class ArrangeConfig(Section):
+    """Windowed arrangement of lead sheets (SPEC 8.1, 8.2, 10.19, 11.11-11.14; run by
+    ``bossa_jax.arrange``).
+
+    Sampling: ``top_k`` (the notebook's 15; sheetsage_inference.py uses 5), ``temperature``,
+    ``top_p`` (1.0: no nucleus filter), ``max_new_tokens`` per window (null: the official cap,
+    2048 minus the window's prompt length). ``songs_per_batch``: songs whose k-th windows share one
+    sampler call. ``pedal``: the rule-based sustain pedal of SPEC 8.2. ``encodec_checkpoint``: the
+    converted EnCodec (``python -m convert.encodec``) that encodes the reference audio for the
+    ``musicgen`` front end (a checkpoint directory's ``encodec/`` folder is used when this is
+    empty); ``chunk_seconds``: the fixed encode chunk (as the codes store).
+
+    Official behaviour (``configs/official.yaml``): ``official_overrun`` True: every window samples
+    until its 4th ``b-1``, past its lead sheet, and the last window is kept whole (SPEC 11.12);
+    ours stops each window at the end of its lead sheet. ``official_carry`` True: the stopping
+    ``b-1`` is not kept and the carried bars are the official slice, whose fallback end index drops
+    the last generated token (SPEC 10.19); ours keeps complete bars.
+    """
+
+    top_k: int = option(15, POSITIVE)
+    temperature: float = option(1.0, POSITIVE)
+    top_p: float = option(1.0, FRACTION)
+    max_new_tokens: int | None = option(None, POSITIVE)
+    songs_per_batch: int = option(64, POSITIVE)
+    pedal: bool = option(False, official=True)
+    official_overrun: bool = option(False, official=True)
+    official_carry: bool = option(False, official=True)
+    encodec_checkpoint: str = ""
+    chunk_seconds: float = option(30.0, POSITIVE)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config(Section):
     """The whole resolved configuration of a run."""
 
@@ -535,6 +567,7 @@ class Config(Section):
     stage1: Stage1Config = dataclasses.field(default_factory=Stage1Config)
     musecoco: MuseCocoConfig = dataclasses.field(default_factory=MuseCocoConfig)
     stage2: Stage2Config = dataclasses.field(default_factory=Stage2Config)
+    arrange: ArrangeConfig = dataclasses.field(default_factory=ArrangeConfig)
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
