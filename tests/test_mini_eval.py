@@ -4,7 +4,9 @@ and voice every accompaniment note on the chord)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,3 +121,97 @@ def test_ground_truth_arrangements_keep_the_melody_on_the_chords():
     assert es.style_distance(stride, stride, lead) == 0.0
     assert es.style_distance(stride, by_style["pop"][0]) > 0.5  # melody: the notes above E4
     assert es.accompaniment_distance(stride, by_style["pop"][0]) > 0.5
+
+
+# --- bench/mini_eval.py's plumbing with a stand-in arranger -------------------------------------
+class _Stub:
+    pass
+
+
+class ScriptedArranger:
+    """Stands in for bossa_jax.arrange.Arranger: "arranges" a request as the lead sheet's melody
+    over the ground-truth accompaniment of the song whose audio it was given. The style prefix
+    of song i is the number i, so a ``prefix_fn`` that moves or silences the queries (-1) decides
+    whose accompaniment a song gets (none: the melody alone)."""
+
+    def __init__(self, corpus_dir, songs_per_batch=4):
+        from bossa_jax.symbolic.notes import read_arrangement
+
+        self.corpus_dir = corpus_dir
+        self.read_arrangement = read_arrangement
+        self.options = _Stub()
+        self.options.songs_per_batch = songs_per_batch
+        self.config = _Stub()
+        self.config.audio = _Stub()
+        self.config.audio.clip_frames = 8
+        self.model = _Stub()
+        self.model.cfg = _Stub()
+        self.model.cfg.encoder_width = 2
+        self.model.style_prefix = lambda mask, features: np.full((1, 1, 1), -1.0)
+
+    def __call__(self, requests, *, seed=0, progress=None, prefix_fn=None):
+        from bossa_jax.symbolic import remi
+        from bossa_jax.symbolic.notes import PITCH
+
+        out = []
+        group = self.options.songs_per_batch
+        for start in range(0, len(requests), group):
+            batch = requests[start : start + group]
+            prefix = np.arange(len(batch), dtype=np.float32)[:, None, None]
+            if prefix_fn is not None:
+                prefix = prefix_fn(prefix)
+            for request, source in zip(batch, prefix[:, 0, 0].tolist(), strict=True):
+                first, last = request.bars
+                melody = es.melody_of(request.leadsheet.leadsheet.bars(first, last).events)
+                events = melody
+                if source >= 0:
+                    donor = batch[int(source)].audio
+                    ref = Path(donor).parent.parent / "arrangements" / f"{Path(donor).stem}.mid"
+                    acc = self.read_arrangement(ref).arrangement.bars(first, last).events
+                    events = np.concatenate([melody, acc[acc[:, PITCH] < 65]])
+                arrangement = _Stub()
+                order = np.lexsort((-events[:, 3], events[:, 2], events[:, 1], events[:, 0]))
+                arrangement.tokens = remi.encode(events[order])
+                arrangement.generated_tokens = len(arrangement.tokens)
+                arrangement.windows = [None]
+                out.append(arrangement)
+        return out
+
+
+def test_mini_eval_style_and_control_sections_with_a_scripted_arranger(tmp_path):
+    import json
+    import sys
+
+    from bossa_jax.data import style_corpus
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import mini_eval
+
+    root = tmp_path / "corpus"
+    style_corpus.make_corpus(root, songs=36, bars=4, audio=False)  # all 6 held out
+    lines = []
+    for line in (root / "manifest.jsonl").read_text().splitlines():  # audio paths, no audio
+        entry = json.loads(line)
+        lines.append(json.dumps({**entry, "audio": f"audio/{entry['id']}.flac"}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    budget = dataclasses.replace(mini_eval.QUICK, bars=4, songs_per_style=1)
+    requests, items = mini_eval.style_requests(root, budget)
+    assert len(requests) == 36 and sum(it["paired"] for it in items) == 6
+    arranger = ScriptedArranger(root)
+
+    style, _ = mini_eval.style_section(arranger, requests, items, seed=0)
+    for part in ("paired", "unpaired", "all"):
+        assert style[part]["style_accuracy"] == 1.0  # the accompaniment of the given audio
+        assert style[part]["melody_preservation"] == 1.0
+    assert style["paired"]["chord_tone_fraction"] == 1.0  # its own chords
+    assert style["all"]["style_accuracy_items"] == 5 * 5 + 1  # 4/4 with 4/4, waltz with waltz
+    assert style["unpaired"]["chord_tone_fraction"] < 0.9  # another song's chords
+
+    control = mini_eval.control_section(arranger, requests, items, seed=0)
+    assert control["silent"]["style_accuracy"] == 0.0  # no accompaniment: "unknown"
+    shuffled = control["shuffled"]
+    assert shuffled["every_batch_held_whole_groups"]
+    assert shuffled["follows_given_queries"] == 1.0 and shuffled["style_accuracy"] < 0.5
+    table = mini_eval.table({"style": style, "control": control})
+    assert "| style accuracy, paired (meter-compatible, n=6) | 1.000 |" in table
+    json.dumps(mini_eval.clean({"style": style, "control": control}))  # JSON-safe
