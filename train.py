@@ -9,6 +9,8 @@
                     [--coordinator HOST:PORT --num-processes N --process-id I]
     train.py make-corpus --out DIR [--songs 120] [--seed 0] [--bars 16] [--styles S ...]
                     [--no-audio] [--soundfont FILE] [--overwrite]
+    train.py mini --out DIR [--seed 0] [--config configs/bossa_mini.yaml] [--corpus DIR]
+                    [--songs 240] [--bars 16] [--resume | --overwrite] [key=value ...]
 
 ``stage1`` runs the stage-1 loop (bossa_jax.train.stage1 on bossa_jax.train.loop): metrics every
 ``train.log_every`` steps to the console, ``<out_dir>/metrics.jsonl`` and TensorBoard; validation
@@ -28,6 +30,11 @@ else).
 ``make-corpus`` writes the synthetic style corpus (bossa_jax.data.style_corpus): lead sheets,
 piano arrangements in six accompaniment styles, band renderings (FluidSynth), a JSONL manifest with
 a style label per song and a held-out split.
+
+``mini`` runs the whole BOSSA-mini recipe (bossa_jax.train.mini): make-corpus (unless ``--corpus``
+is given) -> stage 0 (pre-train the small symbolic LM, bossa_jax.train.lm) -> stage 1 -> stage 2,
+all with ``configs/bossa_mini.yaml``'s sizes and every path under ``--out``; the final stage-2
+checkpoint (with its config) is ``<out>/model``, per-stage times and losses ``<out>/recipe.json``.
 
 ``eval-retrieval`` ranks the symbolic candidates of N test pairs for each audio clip, R rounds
 (paper Appendix D; bossa_jax.train.evaluate) and writes a JSON report. The model is built exactly
@@ -55,7 +62,7 @@ from bossa_jax.cli import ArgumentParser as _Parser
 from bossa_jax.cli import add_output_options
 from bossa_jax.errors import BossaError, run_cli
 
-COMMANDS = ("stage1", "eval-retrieval", "export", "stage2", "make-corpus")
+COMMANDS = ("stage1", "eval-retrieval", "export", "stage2", "make-corpus", "mini")
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
@@ -98,6 +105,17 @@ def _parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("out", help="folder for the stage-1 checkpoint")
         parser.add_argument("--config", help="config to rebuild the model (default: the run's)")
         add_output_options(parser)
+    elif command == "mini":
+        parser.add_argument("--out", required=True, help="folder for the whole recipe's outputs")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the corpus and stages")
+        parser.add_argument("--config", default="bossa_mini", help="default: bossa_mini.yaml")
+        parser.add_argument("--corpus", help="an existing style corpus (default: generate one)")
+        parser.add_argument("--songs", type=int, default=240, help="songs of the new corpus")
+        parser.add_argument("--bars", type=int, default=16, help="bars per song of the corpus")
+        parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+        parser.add_argument(
+            "--overwrite", action="store_true", help="replace a previous BOSSA-mini run in --out"
+        )
     elif command == "make-corpus":
         from bossa_jax.data import style_corpus
 
@@ -123,6 +141,25 @@ def make_corpus_main(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(f"make-corpus: wrote {args.songs} songs, manifest {manifest}", flush=True)
     return 0
+
+
+def mini_main(args: argparse.Namespace) -> int:
+    from bossa_jax.train import mini
+
+    if args.songs < 1 or args.bars < 1:
+        raise BossaError(f"--songs and --bars must be positive, got {args.songs}, {args.bars}")
+    options = mini.RecipeOptions(
+        seed=args.seed, corpus=args.corpus, songs=args.songs, bars=args.bars
+    )
+    result = mini.run(
+        args.config, args.out, options, overrides=args.overrides,
+        resume=args.resume, overwrite=args.overwrite,
+    )  # fmt: skip
+    if result.model is None:
+        print(f"mini: stopped in {result.stopped_in}; continue with --resume", flush=True)
+    else:
+        print(json.dumps({"model": str(result.model)}), flush=True)
+    return result.exit_code
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -227,6 +264,8 @@ def main(argv: Sequence[str]) -> int:
         return export_main(args)
     if args.command == "make-corpus":
         return make_corpus_main(args)
+    if args.command == "mini":
+        return mini_main(args)
     return eval_main(args)
 
 

@@ -1,8 +1,8 @@
 """Benchmark: the jitted stage-1 train step (bossa_jax.train.stage1) vs a PyTorch reference of the
 same step, side by side in one process.
 
-For each config (``tiny``, ``mini``) one global batch is drawn from a synthetic corpus through the
-real stage-1 pipeline, then:
+For each config (``tiny``, ``bench_stage1``: the former ``mini``) one global batch is drawn from
+a synthetic corpus through the real stage-1 pipeline, then:
 
 * bossa-jax, ``features`` (cached MusicGen features in the batch) and ``codes`` (the frozen
   MusicGen inside the step): the step of ``stage1.build_stage1_program`` (ITC + ITM + ITG forward,
@@ -37,7 +37,7 @@ official step as the official code computes it:
 The three steps run alternating, ``--rounds`` times ``--steps`` steps each, in one process; the
 table shows median seconds per step, samples/s and the load average around each run.
 
-Usage: .venv/bin/python bench/stage1_step.py [--configs tiny mini] [--batch 8] [--steps 3]
+Usage: .venv/bin/python bench/stage1_step.py [--configs tiny bench_stage1] [--batch 8] [--steps 3]
        [--repeats 3] [--gpu]
        .venv/bin/python bench/stage1_step.py --preset official [--rounds 5] [--steps 2]
 Writes bench/results/stage1_step_cpu.json (stage1_step_gpu.json with --gpu;
@@ -382,7 +382,7 @@ def official_preset(args) -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(
-            "mini",
+            "bench_stage1",
             [
                 *OFFICIAL_OVERRIDES,
                 f"stage1.data_dir={Path(tmp) / 'corpus'}",
@@ -457,7 +457,7 @@ def official_preset(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="*", default=["tiny", "mini"])
+    parser.add_argument("--configs", nargs="*", default=["tiny", "bench_stage1"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)

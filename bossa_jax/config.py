@@ -519,6 +519,33 @@ class Stage2Config(Section):
     dropout: bool = option(True, official=True)
     musecoco_dropout: bool = option(False, official=True)
     eval_batches: int = option(2, NON_NEGATIVE)
+    # tokens per stage-2 sequence (SPEC 6.5: 1000); stage 0 of BOSSA-mini uses the same layout
+    max_tokens: int = option(1000, POSITIVE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage0TrainConfig(TrainConfig):
+    """Stage 0's loop: a small batch of whole stage-2 sequences, fp32 on a CPU."""
+
+    global_batch_size: int = option(8, POSITIVE)
+    compute_dtype: str = option("float32", one_of("bfloat16", "float32"))
+    out_dir: str = "runs/stage0"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage0Config(Section):
+    """Stage 0 of BOSSA-mini (issue 11): pre-training the symbolic LM that stage 2 then freezes,
+    when no MuseCoco weights exist (run by ``bossa_jax.train.lm``). The model is MuseCoco with the
+    ``musecoco`` section's sizes, without LoRA; it reads the stage-2 sequences of the corpus
+    (``</s>`` + attributes + ``<sep>`` + lead sheet + ``<sep>`` + arrangement + ``</s>``, SPEC
+    6.5; the ``stage1`` section's data settings) with next-token cross-entropy on the arrangement
+    and, with ``prompt_loss``, on the lead-sheet prompt too, so the frozen LM already continues a
+    lead-sheet prompt with an arrangement. ``dropout``: MuseCoco's dropout in training."""
+
+    train: Stage0TrainConfig = dataclasses.field(default_factory=Stage0TrainConfig)
+    prompt_loss: bool = True
+    dropout: bool = False
+    eval_batches: int = option(2, NON_NEGATIVE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -568,6 +595,7 @@ class Config(Section):
     musecoco: MuseCocoConfig = dataclasses.field(default_factory=MuseCocoConfig)
     stage2: Stage2Config = dataclasses.field(default_factory=Stage2Config)
     arrange: ArrangeConfig = dataclasses.field(default_factory=ArrangeConfig)
+    stage0: Stage0Config = dataclasses.field(default_factory=Stage0Config)
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)

@@ -133,11 +133,12 @@ def build_index(
 
 
 # --- samples ------------------------------------------------------------------------------------
-def fits_stage(window: segment.Window, stage: int) -> bool:
-    """Whether the window's lead sheet leaves room for a sequence (SPEC 11.11)."""
+def fits_stage(window: segment.Window, stage: int, max_tokens: int = remi.MAX_TOKENS) -> bool:
+    """Whether the window's lead sheet leaves room for a sequence (SPEC 11.11); ``max_tokens``:
+    the stage-2 sequence length."""
     if stage == 1:
         return len(window.leadsheet) <= octuple.MAX_NOTES - 2
-    return len(remi.prompt(window.leadsheet)) <= remi.MAX_TOKENS - 2
+    return len(remi.prompt(window.leadsheet)) <= max_tokens - 2
 
 
 def symbolic_sample(
@@ -147,9 +148,11 @@ def symbolic_sample(
     *,
     deperf: bool = True,
     keep_eos: bool = True,
+    max_tokens: int = remi.MAX_TOKENS,
 ) -> dict[str, np.ndarray]:
     """The window's token arrays for ``stage``; one random transposition when ``rng`` is given.
-    ``keep_eos=False``: the official plain cut of an overflowing sequence (SPEC 11.11)."""
+    ``keep_eos=False``: the official plain cut of an overflowing sequence (SPEC 11.11);
+    ``max_tokens``: the stage-2 sequence length."""
     arrangement, leadsheet, shift = window.arrangement, window.leadsheet, 0
     if rng is not None:
         arrangement, leadsheet, shift = segment.augment(arrangement, leadsheet, rng)
@@ -160,7 +163,7 @@ def symbolic_sample(
         out = {"notes": ids.astype(np.int32), "leadsheet_mask": ls_mask, "pad_mask": pad_mask}
     else:
         ids, control, pad = remi.stage2_sequence(
-            arrangement, leadsheet, redact=deperf, keep_eos=keep_eos
+            arrangement, leadsheet, redact=deperf, keep_eos=keep_eos, max_tokens=max_tokens
         )
         out = {"tokens": ids.astype(np.int32), "control_mask": control, "pad_mask": pad}
     out["transposition"] = np.int32(shift)
@@ -218,6 +221,7 @@ class PipelineOptions:
     transpose: bool = True
     deperf: bool = True
     keep_eos: bool = True
+    max_tokens: int = remi.MAX_TOKENS  # stage-2 sequence length (SPEC 6.5)
     process_index: int | None = None
     process_count: int | None = None
     num_threads: int = 2
@@ -254,7 +258,11 @@ class Pipeline:
                 f"{self.process_count} processes"
             )
         self.local_batch_size = options.global_batch_size // self.process_count
-        usable = [e.example_id for e in index.examples if fits_stage(e.window, options.stage)]
+        usable = [
+            e.example_id
+            for e in index.examples
+            if fits_stage(e.window, options.stage, options.max_tokens)
+        ]
         self.dropped = len(index) - len(usable)
         if self.dropped:
             log.warning(
@@ -292,6 +300,7 @@ class Pipeline:
             rng,
             deperf=self.options.deperf,
             keep_eos=self.options.keep_eos,
+            max_tokens=self.options.max_tokens,
         )
         sample["example_id"] = np.int32(example_id)
         return sample

@@ -588,6 +588,7 @@ def make_pipeline(
         transpose=cfg.transpose,  # the official validation transposes too (SPEC 10.6)
         deperf=cfg.deperf,
         keep_eos=cfg.keep_eos,
+        max_tokens=config.stage2.max_tokens,
         process_index=process_index,
         process_count=process_count,
         num_threads=cfg.num_threads,

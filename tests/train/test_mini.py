@@ -1,0 +1,161 @@
+"""The BOSSA-mini recipe (bossa_jax/train/mini.py, bossa_jax/train/lm.py, ``train.py mini``) at tiny
+size through the real entry point: a 6-song corpus, a few steps per stage; every stage's loss
+decreases, every file it writes is valid (the stage-0 LM, the stage-1 and stage-2 checkpoints with
+the run config), the final model loads and samples, a second run into the same folder is refused
+without --resume / --overwrite, --resume skips finished stages, and bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = ("stage0", "stage1", "stage2")
+# 8 steps logged as 2 means of 4: with ~8 training windows a batch of 4 sees every window twice in
+# each half, so the two means compare the same data (single steps differ by their batch)
+LOOP = dict(total_steps=8, global_batch_size=4, log_every=4, eval_every=0, checkpoint_every=0)
+TINY = [
+    "qformer.hidden_size=32",
+    "qformer.num_hidden_layers=2",
+    "qformer.num_attention_heads=2",
+    "qformer.intermediate_size=64",
+    "qformer.num_query_tokens=4",
+    "audio.n_mels=16",
+    "qformer.encoder_width=16",
+    "musecoco.hidden_size=32",
+    "musecoco.num_attention_heads=2",
+    "musecoco.num_hidden_layers=1",
+    "musecoco.ffn_dim=64",
+    "musecoco.lora_rank=2",
+    "stage2.max_tokens=512",
+    "train.optim.warmup_steps=1",
+    "stage0.train.optim.warmup_steps=1",
+    "stage2.train.optim.warmup_steps=1",
+    "stage0.train.optim.lr=0.01",
+    "stage2.train.optim.lr=0.01",
+    *(f"{section}.{k}={v}" for section in ("train", "stage0.train", "stage2.train")
+      for k, v in LOOP.items()),
+]  # fmt: skip
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        # one device; cheaper LLVM passes (compile time dominates a tiny run on CPU)
+        XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=1 "
+        "--xla_llvm_disable_expensive_passes=true",
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+def _mini(tmp: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "train.py"), "mini", *args]
+    return subprocess.run(
+        cmd, cwd=tmp, env=_env(tmp), capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mini")
+    out = tmp / "run"
+    result = _mini(tmp, "--out", str(out), "--songs", "6", "--bars", "8", "--seed", "3", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp, out, result
+
+
+def _train_losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["split"] == "train"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_learns(recipe, stage):
+    _, out, _ = recipe
+    losses = _train_losses(out / stage)
+    assert len(losses) == LOOP["total_steps"] // LOOP["log_every"]
+    assert np.isfinite(losses).all()
+    assert losses[-1] < losses[0], losses
+    assert (out / stage / "tb").is_dir() and (out / stage / "config.yaml").is_file()
+
+
+def test_files_are_valid_and_the_final_model_samples(recipe):
+    from bossa_jax.config import load_config
+    from bossa_jax.models.arranger import POSITION_START, load_stage2
+    from bossa_jax.models.bossa import load_stage1
+    from bossa_jax.models.musecoco import load_musecoco
+    from bossa_jax.sampling import Sampler
+    from bossa_jax.symbolic import remi
+    from bossa_jax.train import mini
+
+    _, out, result = recipe
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"model": str(out / "model")}
+    lm = load_musecoco(out / "stage0-lm")
+    assert not lm.cfg.lora and lm.cfg.hidden_size == 32
+    assert load_stage1(out / "stage1-model").qformer is not None
+    config = mini.load_run_config(out / "model")
+    assert config == load_config(out / "config.yaml")
+    assert config.audio.frontend == "mel" and config.stage2.init_from == str(out / "stage1-model")
+    model = load_stage2(out / "model")
+    assert model.musecoco.cfg.lora and model.musicgen is None
+    # the frozen LM inside the final model is the stage-0 export, untouched by stage 2
+    np.testing.assert_array_equal(
+        np.asarray(model.musecoco.embed_tokens.embedding[...]),
+        np.asarray(lm.embed_tokens.embedding[...]),
+    )
+    features = np.zeros((1, 512, 16), np.float32)
+    prefix = model.style_prefix(np.ones((1, 512), np.float32), features=features)
+    prompt = remi.prompt(np.zeros((0, 8), np.int64))
+    sampler = Sampler(model.musecoco)
+    samples = sampler(
+        [prompt], max_new_tokens=8, prefix_embeddings=prefix, position_start=POSITION_START
+    )
+    assert 1 <= samples.count[0] <= 8
+    record = json.loads((out / "recipe.json").read_text())
+    assert set(record["stages"]) == {"corpus", *STAGES}
+    assert record["options"]["seed"] == 3 and record["model_bytes"] > 0
+    manifest = (out / "corpus" / "manifest.jsonl").read_text().splitlines()
+    assert len(manifest) == 6
+
+
+def test_rerun_is_refused_and_resume_skips_finished_stages(recipe):
+    tmp, out, _ = recipe
+    refused = _mini(tmp, "--out", str(out), "--songs", "6", "--bars", "8", *TINY)
+    assert refused.returncode != 0
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert "--resume" in refused.stderr and "--overwrite" in refused.stderr
+    before = (out / "model" / "run_config.yaml").stat().st_mtime_ns
+    again = ("--resume", "--songs", "6", "--bars", "8", "--seed", "3")
+    resumed = _mini(tmp, "--out", str(out), *again, *TINY)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (out / "model" / "run_config.yaml").stat().st_mtime_ns == before
+    foreign = tmp / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    refused = _mini(tmp, "--out", str(foreign), *TINY)
+    assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--songs", "0"], "--songs"),
+        (["stage0.train.total_steps=-1"], "stage0.train.total_steps"),
+        (["--corpus", "nowhere"], "nowhere"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, args, says):
+    result = _mini(tmp_path, "--out", str(tmp_path / "run"), *args, timeout=120)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], result.stderr
+    assert not (tmp_path / "run" / "stage0").exists()
