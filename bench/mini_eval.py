@@ -84,7 +84,7 @@ MEL_N = 64  # mel bands when a config without the mel front end is switched to i
 class Budget:
     corpus_songs: int
     corpus_bars: int
-    stage1_steps: int
+    stage1_steps: int | None  # None: the config's train.total_steps
     pairs: int
     rounds: int
     songs_per_style: int
@@ -95,7 +95,9 @@ class Budget:
     max_new_tokens: int | None
 
 
-FULL = Budget(120, 16, 300, 128, 10, 2, 8, 6, 5, 2, None)
+# the corpus the BOSSA-mini recipe generates for seed 0 (bossa_jax/train/mini.py: 240 songs of 16
+# bars): regenerated with the same settings it is the same corpus, so its test split is held out
+FULL = Budget(240, 16, None, 128, 10, 2, 8, 6, 5, 2, None)
 QUICK = Budget(36, 8, 8, 8, 2, 1, 4, 2, 3, 2, 48)
 
 
@@ -183,7 +185,7 @@ def stage1_config(args: argparse.Namespace, corpus_dir: Path, work: Path, name: 
     from bossa_jax.config import load_config
 
     base = load_config(args.config)
-    steps = args.stage1_steps
+    steps = args.stage1_steps or base.train.total_steps
     overrides = mel_overrides(base) + [
         "stage1.dataset=manifest",
         f"stage1.data_dir={corpus_dir / 'manifest.jsonl'}",
@@ -224,6 +226,8 @@ def retrieval_section(args: argparse.Namespace, corpus_dir: Path, work: Path) ->
         raise BossaError(f"--stage1-runs: unknown ablation(s) {sorted(unknown)}; use C, C+M, C+M+G")
     out: dict[str, Any] = {"ablations": {}}
     for name, losses in ABLATIONS.items():
+        if name not in args.ablations:
+            continue
         clock = stopwatch()
         config = stage1_config(args, corpus_dir, work, name)
         if name in given:  # the run's own config, reading this corpus
@@ -732,6 +736,13 @@ def main(argv: Sequence[str]) -> int:
         metavar="NAME=RUN_DIR",
         help="finished stage-1 runs to evaluate instead of training",
     )
+    parser.add_argument(
+        "--ablations",
+        nargs="+",
+        choices=list(ABLATIONS),
+        default=list(ABLATIONS),
+        help="which stage-1 ablations to train / evaluate (all three)",
+    )
     parser.add_argument("--pairs", type=int, help="retrieval pairs per round (128)")
     parser.add_argument("--rounds", type=int, help="retrieval rounds (10)")
     parser.add_argument("--songs-per-style", type=int, help="held-out lead sheets per style")
@@ -746,6 +757,11 @@ def main(argv: Sequence[str]) -> int:
         help="config overrides for the ablations and the arranger",
     )
     parser.add_argument("--out", type=Path, help="JSON report (bench/results/mini_eval.json)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the sections of an existing report that this run does not redo",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
@@ -769,7 +785,7 @@ def main(argv: Sequence[str]) -> int:
         },
     )
     for name in ("stage1_steps", "pairs", "rounds", "songs_per_style", "bars"):
-        if getattr(budget, name) < 1:
+        if getattr(budget, name) is not None and getattr(budget, name) < 1:
             raise BossaError(f"--{name.replace('_', '-')} must be at least 1")
     args.stage1_steps, args.pairs, args.rounds = budget.stage1_steps, budget.pairs, budget.rounds
     if args.config is None:
@@ -831,13 +847,31 @@ def main(argv: Sequence[str]) -> int:
             seconds["real"] = section()
     seconds["total"] = clock()
     report["seconds"] = seconds
+    if args.update and out.is_file():  # earlier runs' sections, with their own settings
+        previous = json.loads(out.read_text())
+        kept = {k: previous[k] for k in (*SECTIONS, "model", "corpus") if k in previous}
+        if "retrieval" in kept and "retrieval" in report:  # ablations not redone are kept
+            done = report["retrieval"]["ablations"]
+            earlier = kept["retrieval"]["ablations"]
+            merged = {
+                n: done.get(n) or earlier.get(n) for n in ABLATIONS if n in done or n in earlier
+            }
+            report["retrieval"]["ablations"] = merged
+        kept = {k: v for k, v in kept.items() if k not in report}
+        report = {**kept, **report}
+        report["earlier_runs"] = [
+            *previous.get("earlier_runs", []),
+            {
+                k: previous.get(k)
+                for k in ("command", "started_utc", "machine", "budget", "seconds")
+            },
+        ]
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     report["machine"]["load_average_at_end"] = [round(x, 2) for x in load] if load else None
-    markdown = table(report)
-    report["table"] = markdown
+    report["table"] = table(report)
     with atomic_output(out) as tmp:
         tmp.write_text(json.dumps(clean(report), indent=1) + "\n")
-    print(markdown)
+    print(report["table"])
     print(f"\nwrote {out} in {seconds['total']:.0f} s (machine: {report['machine']})")
     return 0
 
