@@ -748,6 +748,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--songs-per-style", type=int, help="held-out lead sheets per style")
     parser.add_argument("--bars", type=int, help="bars arranged per song")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--note", help="a line saved in the report (e.g. where the model came from)"
+    )
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument(
         "--set",
@@ -804,6 +807,7 @@ def main(argv: Sequence[str]) -> int:
         "budget": dataclasses.asdict(budget),
         "seed": args.seed,
         "goals": GOALS,
+        **({"note": args.note} if args.note else {}),
     }
     seconds: dict[str, float] = {}
     corpus_dir = None
