@@ -29,6 +29,7 @@ from bossa_jax.errors import ConfigError, one_line
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DTYPES = ("float32", "bfloat16", "float16")
+STAGE1_LOSSES = ("itc", "itm", "itg")  # contrastive, matching, grounded generation (SPEC 3)
 T = TypeVar("T")
 
 
@@ -419,6 +420,11 @@ class Stage1Config(Section):
     ``init_from``: a stage-1 checkpoint (``convert.bossa`` / ``save_stage1``) to start from (not
     both). ``eval_batches``: validation batches per eval.
 
+    ``losses``: the stage-1 objectives summed into the training loss (SPEC 3.6; paper Table 2's
+    ablations): any of ``itc`` (contrastive), ``itm`` (matching), ``itg`` (grounded generation),
+    each at most once; the default (and the official code) trains all three. A left-out objective
+    is not computed at all (its forward pass is skipped), so an ablation costs less per step.
+
     Official behaviour (``configs/official.yaml`` sets all of it): ``field_mean`` the ITG per-field
     mean, "valid" (default: over the valid targets) or "official" (over every slot, SPEC 10.13).
     """
@@ -428,8 +434,17 @@ class Stage1Config(Section):
     field_mean: str = option("valid", one_of("valid", "official"), official="official")
     dropout: bool = option(True, official=True)
     eval_batches: int = option(2, NON_NEGATIVE)
+    losses: tuple[str, ...] = option(STAGE1_LOSSES, one_of(*STAGE1_LOSSES))
 
     def check_relations(self, prefix: str) -> None:
+        _require(
+            bool(self.losses), f"{prefix}.losses", f"must name at least one of {STAGE1_LOSSES}"
+        )
+        _require(
+            len(set(self.losses)) == len(self.losses),
+            f"{prefix}.losses",
+            f"names a loss twice: {list(self.losses)}",
+        )
         _require(
             not (self.qformer_init and self.init_from),
             f"{prefix}.qformer_init",

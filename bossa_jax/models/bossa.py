@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from bossa_jax import checkpoint
-from bossa_jax.config import Config, MusicgenConfig, QFormerConfig
+from bossa_jax.config import STAGE1_LOSSES, Config, MusicgenConfig, QFormerConfig
 from bossa_jax.errors import CheckpointError
 from bossa_jax.layers import LayerNorm, Linear
 from bossa_jax.models import losses
@@ -225,6 +225,7 @@ class Stage1Model(nnx.Module):
         negatives: tuple[jax.Array, jax.Array] | None = None,
         field_mean: losses.FieldMean = "valid",
         deterministic: bool = True,
+        objectives: Sequence[str] = STAGE1_LOSSES,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Total stage-1 loss ITC + ITM + ITG (1:1:1) and its metrics, over the global batch.
 
@@ -233,10 +234,17 @@ class Stage1Model(nnx.Module):
         (B, 4, S - 4) or cached ``features`` (B, S, encoder_width). ITM negatives are drawn from
         ``rng`` unless ``negatives = (neg_symbo_idx, neg_audio_idx)`` is given (see
         :func:`~bossa_jax.models.losses.sample_hard_negatives`). ``deterministic=False`` turns
-        dropout on (keys derived from ``rng``). Metrics: ``loss``, ``itc``, ``itm``, ``itg``,
-        ``itg_<field>`` for the 8 fields, ``temp``, ``neg_symbo_idx``, ``neg_audio_idx``.
+        dropout on (keys derived from ``rng``). ``objectives``: the losses summed into the total
+        (``stage1.losses``; paper Table 2's ablations C, C+M, C+M+G); a left-out one is not
+        computed. Metrics: ``loss``, ``temp``, and for each objective computed its loss (``itc``,
+        ``itm``, ``itg``), with ITM ``neg_symbo_idx`` and ``neg_audio_idx``, with ITG
+        ``itg_<field>`` for the 8 fields.
         """
-        if negatives is None and rng is None:
+        objectives = tuple(objectives)
+        unknown = [o for o in objectives if o not in STAGE1_LOSSES]
+        if unknown or not objectives:
+            raise ValueError(f"Stage1Model.losses: objectives must be some of {STAGE1_LOSSES}")
+        if "itm" in objectives and negatives is None and rng is None:
             raise ValueError("Stage1Model.losses: give rng or negatives for the ITM hard negatives")
         if not deterministic and rng is None:
             raise ValueError("Stage1Model.losses: dropout (deterministic=False) needs rng")
@@ -259,73 +267,79 @@ class Stage1Model(nnx.Module):
             dropout_rng=None if deterministic else audio_key,
             **drop,
         )
-        symbo_emb = self.encode_symbolic(
-            notes,
-            leadsheet_mask,
-            pad_mask,
-            note_embeds=note_embeds,
-            dropout_rng=None if deterministic else symbo_key,
-            **drop,
-        )
-
-        # ITC (unimodal masks)
         temp = self.temp[...]
-        sim_a2s = losses.similarity(audio_emb, symbo_emb, temp)
-        sim_s2a = sim_a2s.T
-        loss_itc = losses.itc_loss(sim_a2s, sim_s2a)
+        metrics: dict[str, jax.Array] = {"temp": temp}
+        terms = []
 
-        # ITM (bidirectional multimodal mask) on [pos ; audio negatives ; symbolic negatives]
-        if negatives is None:
-            negatives = losses.sample_hard_negatives(negative_key, sim_a2s, sim_s2a)
-        neg_symbo_idx, neg_audio_idx = negatives
-        note_key_mask = leadsheet_mask * pad_mask
+        if "itc" in objectives or "itm" in objectives:  # ITM draws its negatives from ITC's sims
+            symbo_emb = self.encode_symbolic(
+                notes,
+                leadsheet_mask,
+                pad_mask,
+                note_embeds=note_embeds,
+                dropout_rng=None if deterministic else symbo_key,
+                **drop,
+            )
+            # ITC (unimodal masks)
+            sim_a2s = losses.similarity(audio_emb, symbo_emb, temp)
+            sim_s2a = sim_a2s.T
+        if "itc" in objectives:
+            metrics["itc"] = losses.itc_loss(sim_a2s, sim_s2a)
+            terms.append(metrics["itc"])
 
-        def symbolic_rows(x: jax.Array) -> jax.Array:  # [pos ; pos ; negative symbolic]
-            return jnp.concatenate([x, x, x[neg_symbo_idx]], axis=0)
+        if "itm" in objectives:
+            # ITM (bidirectional multimodal mask) on [pos ; audio negatives ; symbolic negatives]
+            if negatives is None:
+                negatives = losses.sample_hard_negatives(negative_key, sim_a2s, sim_s2a)
+            neg_symbo_idx, neg_audio_idx = negatives
+            note_key_mask = leadsheet_mask * pad_mask
 
-        def audio_rows(x: jax.Array) -> jax.Array:  # [pos ; negative audio ; pos]
-            # the 3B pairs stay sharded over the batch axes (the negatives come from any shard)
-            rows = jnp.concatenate([x, x[neg_audio_idx], x], axis=0)
-            return constrain(rows, "batch", *(None,) * (x.ndim - 1))
+            def symbolic_rows(x: jax.Array) -> jax.Array:  # [pos ; pos ; negative symbolic]
+                return jnp.concatenate([x, x, x[neg_symbo_idx]], axis=0)
 
-        match_notes = constrain(symbolic_rows(notes), "batch", None)
-        match_embeds = constrain(symbolic_rows(note_embeds), "batch", None, None)
-        match_kv = jax.tree.map(audio_rows, feature_kv)
-        hidden = self.qformer.multimodal_pass(
-            match_notes,
-            symbolic_rows(note_key_mask),
-            None,
-            audio_rows(audio_mask),
-            note_embeds=match_embeds,
-            feature_kv=match_kv,
-            dropout_rng=None if deterministic else match_key,
-            **drop,
-        )
-        match_logits = self.binary_head(hidden[:, : self.cfg.num_query_tokens])
-        loss_itm = losses.itm_loss(match_logits)
+            def audio_rows(x: jax.Array) -> jax.Array:  # [pos ; negative audio ; pos]
+                # the 3B pairs stay sharded over the batch axes (the negatives come from any shard)
+                rows = jnp.concatenate([x, x[neg_audio_idx], x], axis=0)
+                return constrain(rows, "batch", *(None,) * (x.ndim - 1))
 
-        # ITG (multimodal causal mask): notes see the cached query K/V and earlier notes
-        input_ids, labels = losses.itg_inputs(
-            notes, leadsheet_mask, pad_mask, dec_token_id=self.cfg.dec_token_id
-        )
-        notes_out = self.qformer.decoder_hidden(
-            input_ids, pad_mask, past_kv, dropout_rng=None if deterministic else gen_key, **drop
-        )
-        # the last note predicts nothing: the head runs on notes 0..N-2 only (pre-shifted logits)
-        logits = self.qformer.lm_head(notes_out[:, :-1])
-        loss_itg, per_field = losses.itg_loss(logits, labels, field_mean=field_mean, shifted=True)
+            match_notes = constrain(symbolic_rows(notes), "batch", None)
+            match_embeds = constrain(symbolic_rows(note_embeds), "batch", None, None)
+            match_kv = jax.tree.map(audio_rows, feature_kv)
+            hidden = self.qformer.multimodal_pass(
+                match_notes,
+                symbolic_rows(note_key_mask),
+                None,
+                audio_rows(audio_mask),
+                note_embeds=match_embeds,
+                feature_kv=match_kv,
+                dropout_rng=None if deterministic else match_key,
+                **drop,
+            )
+            match_logits = self.binary_head(hidden[:, : self.cfg.num_query_tokens])
+            metrics["itm"] = losses.itm_loss(match_logits)
+            metrics["neg_symbo_idx"], metrics["neg_audio_idx"] = neg_symbo_idx, neg_audio_idx
+            terms.append(metrics["itm"])
 
-        total = loss_itc + loss_itm + loss_itg
-        metrics = {
-            "loss": total,
-            "itc": loss_itc,
-            "itm": loss_itm,
-            "itg": loss_itg,
-            "temp": temp,
-            "neg_symbo_idx": neg_symbo_idx,
-            "neg_audio_idx": neg_audio_idx,
-        }
-        metrics.update({f"itg_{name}": per_field[i] for i, name in enumerate(losses.FIELD_NAMES)})
+        if "itg" in objectives:
+            # ITG (multimodal causal mask): notes see the cached query K/V and earlier notes
+            input_ids, labels = losses.itg_inputs(
+                notes, leadsheet_mask, pad_mask, dec_token_id=self.cfg.dec_token_id
+            )
+            notes_out = self.qformer.decoder_hidden(
+                input_ids, pad_mask, past_kv, dropout_rng=None if deterministic else gen_key, **drop
+            )
+            # the last note predicts nothing: the head runs on notes 0..N-2 only (pre-shifted)
+            logits = self.qformer.lm_head(notes_out[:, :-1])
+            metrics["itg"], per_field = losses.itg_loss(
+                logits, labels, field_mean=field_mean, shifted=True
+            )
+            terms.append(metrics["itg"])
+            metrics.update(
+                {f"itg_{name}": per_field[i] for i, name in enumerate(losses.FIELD_NAMES)}
+            )
+
+        total = sum(terms[1:], terms[0])
+        metrics["loss"] = total
         return total, metrics
 
     # -- retrieval (SPEC 3.7) ----------------------------------------------------------------
@@ -355,12 +369,14 @@ def stage1_loss_fn(
     *,
     field_mean: losses.FieldMean = "valid",
     deterministic: bool = False,
+    objectives: Sequence[str] = STAGE1_LOSSES,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The training step's ``loss_fn(model, batch, rng) -> (loss, metrics)`` for stage 1.
 
     ``batch`` keys: ``notes``, ``leadsheet_mask``, ``pad_mask``, ``audio_mask`` and either
     ``codes`` or ``features``. Dropout is on by default (the official model trains with the
-    Q-Former's dropout 0.1); the sampled negative indices are dropped from the metrics."""
+    Q-Former's dropout 0.1); the sampled negative indices are dropped from the metrics.
+    ``objectives``: the losses to train (``stage1.losses``)."""
     loss, metrics = model.losses(
         batch["notes"],
         batch["leadsheet_mask"],
@@ -371,6 +387,7 @@ def stage1_loss_fn(
         rng=rng,
         field_mean=field_mean,
         deterministic=deterministic,
+        objectives=objectives,
     )
     metrics = {k: v for k, v in metrics.items() if not k.startswith("neg_")}
     return loss, metrics

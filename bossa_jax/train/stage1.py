@@ -2,9 +2,10 @@
 and its data (SPEC 3, 6, 7, 11.7; DESIGN "Trainable vs frozen", "Precision", "Batches are global").
 
 The step is the generic one of :mod:`bossa_jax.train.step` with the stage-1 losses
-(:func:`~bossa_jax.models.bossa.stage1_loss_fn`: ITC + ITM + ITG, the 8 per-field LM losses and the
-temperature as metrics) and the one trainable filter :data:`~bossa_jax.models.bossa.TRAINABLE`
-(everything but MusicGen). Two ways to get the audio side (``data.audio_input``):
+(:func:`~bossa_jax.models.bossa.stage1_loss_fn`: those ``stage1.losses`` names, by default ITC +
+ITM + ITG, the 8 per-field LM losses and the temperature as metrics) and the one trainable
+filter :data:`~bossa_jax.models.bossa.TRAINABLE` (everything but MusicGen). Two ways to get the
+audio side (``data.audio_input``):
 
 * ``codes``: EnCodec codes (B, 4, 508) in the batch; the frozen MusicGen runs inside the step,
   stored and computed in bf16 when ``train.compute_dtype`` is bf16, under ``stop_gradient`` and
@@ -259,13 +260,19 @@ def init_musicgen(musicgen: nnx.Module | None, cfg: DataConfig, loaded: bool) ->
 
 
 def make_loss_fn(cfg: Stage1Config, *, train: bool = True) -> LossFn:
-    """``loss_fn(model, batch, rng)`` of the step: the three stage-1 losses (SPEC 3.6); dropout
-    only in training (``stage1.dropout``); ITM negatives drawn from the step's key."""
+    """``loss_fn(model, batch, rng)`` of the step: the stage-1 losses ``stage1.losses`` (SPEC 3.6;
+    all three by default); dropout only in training (``stage1.dropout``); ITM negatives drawn
+    from the step's key."""
     deterministic = not (train and cfg.dropout)
 
     def loss_fn(model: Stage1Model, batch: Any, rng: jax.Array):
         return stage1_loss_fn(
-            model, batch, rng, field_mean=cfg.field_mean, deterministic=deterministic
+            model,
+            batch,
+            rng,
+            field_mean=cfg.field_mean,
+            deterministic=deterministic,
+            objectives=cfg.losses,
         )
 
     return loss_fn

@@ -430,3 +430,44 @@ def test_official_preset_gives_the_official_losses(models, batch):
     close(official, want["loss"])
     assert abs(float(paper) - want["loss"].item()) > 1e-2
     close(paper, want["loss_valid"])
+
+
+def test_stage1_losses_option_trains_only_the_named_losses(batch):
+    """``stage1.losses`` (paper Table 2's ablations C, C+M, and a G subset): the step's loss is
+    the sum of the named losses only, each equal to its value in the full loss (same key, so the
+    same ITM negatives); the others are not computed (not reported)."""
+    from bossa_jax.train.stage1 import make_loss_fn
+
+    # one layer: compile time dominates (the parity tests above cover the losses themselves)
+    small = dataclasses.replace(Q, num_hidden_layers=1)
+    graphdef, state = nnx.split(Stage1Model(small, None, rngs=nnx.Rngs(2)))
+    arrays = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(loss_fn, state):
+        return loss_fn(nnx.merge(graphdef, state), arrays, jax.random.key(5))
+
+    full_cfg = load_config("tiny").stage1
+    assert full_cfg.losses == ("itc", "itm", "itg")
+    full, want = run(make_loss_fn(full_cfg, train=False), state)
+    assert abs(float(full) - sum(float(want[n]) for n in ("itc", "itm", "itg"))) < 1e-5
+    for objectives in (("itc",), ("itc", "itm"), ("itm", "itg")):
+        sub_cfg = load_config("tiny", [f"stage1.losses=[{', '.join(objectives)}]"]).stage1
+        assert sub_cfg.losses == objectives
+        total, got = run(make_loss_fn(sub_cfg, train=False), state)
+        for name in ("itc", "itm", "itg"):
+            assert (name in got) == (name in objectives), (objectives, name)
+            if name in objectives:
+                np.testing.assert_allclose(float(got[name]), float(want[name]), rtol=1e-6)
+        want_total = sum(float(got[n]) for n in objectives)
+        np.testing.assert_allclose(float(total), want_total, rtol=1e-6)
+        assert abs(float(total) - float(full)) > 1e-3  # the left-out losses are really gone
+
+
+def test_stage1_losses_option_is_checked():
+    from bossa_jax.errors import ConfigError
+
+    for bad, says in (("[]", "at least one"), ("[itc, itc]", "twice"), ("[itx]", "one of")):
+        with pytest.raises(ConfigError, match="stage1.losses") as err:
+            load_config("tiny", [f"stage1.losses={bad}"])
+        assert says in str(err.value)
