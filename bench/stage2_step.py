@@ -125,9 +125,7 @@ def local_batch(cfg, mode: str) -> dict[str, np.ndarray]:
 
     from bossa_jax.train import stage1, stage2
 
-    codes_cfg = dataclasses.replace(
-        cfg, stage1=dataclasses.replace(cfg.stage1, audio_input="codes")
-    )
+    codes_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, audio_input="codes"))
     run_cfg = stage2.loop_config(codes_cfg)
     split = stage1.load_split(run_cfg, "train")
     local = dict(next(stage1.train_data(run_cfg, split, 2)(0, 1)))
