@@ -44,3 +44,11 @@ def setup_logging(verbose: bool = False) -> None:
     if not verbose:
         for noisy in ("absl", "jax", "orbax"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger("asyncio").addFilter(_drop_orphaned_task_errors)
+
+
+def _drop_orphaned_task_errors(record: logging.LogRecord) -> bool:
+    """orbax reads a checkpoint with one asyncio task per array; after a failed restore (reported
+    in one line) the tasks still pending are collected later and asyncio logs each one's traceback
+    ("Task exception was never retrieved"). Dropped unless ``--verbose``."""
+    return not record.getMessage().startswith("Task exception was never retrieved")

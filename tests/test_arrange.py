@@ -28,8 +28,6 @@ from bossa_jax.symbolic import remi
 from bossa_jax.symbolic.leadsheet import read_leadsheet
 from bossa_jax.symbolic.notes import BAR, Song
 
-# one worker builds the module-scoped runs/models once (pytest -n: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("arrange_model")
 
 N_MELS = 32  # = the tiny MusicGen's width: one model serves both front ends
 MEL = [

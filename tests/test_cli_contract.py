@@ -330,3 +330,21 @@ def test_codes_keeps_library_logging_off_the_terminal(world):
     assert "wrote" in proc.stdout
     noisy = [line for line in proc.stderr.splitlines() if "orbax" in line.lower() or "INFO" in line]
     assert not noisy, noisy
+
+
+def test_orphaned_orbax_task_errors_stay_off_the_terminal(caplog):
+    """After a failed restore, asyncio logs the pending orbax reads' tracebacks when they are
+    collected ("Task exception was never retrieved"): dropped unless --verbose."""
+    import logging
+
+    from bossa_jax import cli
+
+    asyncio_log = logging.getLogger("asyncio")
+    try:
+        cli.setup_logging(verbose=False)
+        asyncio_log.error("Task exception was never retrieved\nfuture: <Task finished>")
+        asyncio_log.error("another asyncio error")
+        logged = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+        assert logged == ["another asyncio error"]
+    finally:
+        asyncio_log.removeFilter(cli._drop_orphaned_task_errors)

@@ -35,8 +35,6 @@ from bossa_jax.outputs import MARKER
 from bossa_jax.symbolic import remi
 from tests.symbolic.conftest import build_score
 
-# one worker builds the module-scoped runs/models once (pytest -n: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("generate_checkpoint")
 
 N_MELS = 16
 MEL = [

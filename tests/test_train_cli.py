@@ -17,8 +17,6 @@ import pytest
 
 from tests.train.run_files import damage_checkpoint, snapshot
 
-# one worker builds the module-scoped runs/models once (pytest -n: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("train_cli_runs")
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ("bar", "pos", "inst", "pitch", "dur", "vel", "ts", "tempo")

@@ -21,8 +21,6 @@ from bossa_jax.config import load_config
 from bossa_jax.errors import ConfigError, DataError, OutputError
 from bossa_jax.train import evaluate, stage1
 
-# one worker builds the module-scoped runs/models once (pytest -n: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("evaluate_runs")
 
 
 def test_ranks_and_metrics_hand_computed():

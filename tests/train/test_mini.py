@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# one worker builds the module-scoped runs/models once (pytest -n: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("mini_recipe")
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("stage0", "stage1", "stage2")
