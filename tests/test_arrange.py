@@ -28,7 +28,6 @@ from bossa_jax.symbolic import remi
 from bossa_jax.symbolic.leadsheet import read_leadsheet
 from bossa_jax.symbolic.notes import BAR, Song
 
-
 N_MELS = 32  # = the tiny MusicGen's width: one model serves both front ends
 MEL = [
     "audio.frontend=mel",

@@ -35,7 +35,6 @@ from bossa_jax.outputs import MARKER
 from bossa_jax.symbolic import remi
 from tests.symbolic.conftest import build_score
 
-
 N_MELS = 16
 MEL = [
     "audio.frontend=mel",

@@ -17,7 +17,6 @@ import pytest
 
 from tests.train.run_files import damage_checkpoint, snapshot
 
-
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ("bar", "pos", "inst", "pitch", "dur", "vel", "ts", "tempo")
 LOSS_TERMS = ("loss", "itc", "itm", "itg", *(f"itg_{f}" for f in FIELDS))

@@ -22,7 +22,6 @@ from bossa_jax.errors import ConfigError, DataError, OutputError
 from bossa_jax.train import evaluate, stage1
 
 
-
 def test_ranks_and_metrics_hand_computed():
     sim = np.array(
         [

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("stage0", "stage1", "stage2")
 # 8 steps logged as 2 means of 4: with ~8 training windows a batch of 4 sees every window twice in
