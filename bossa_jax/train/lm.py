@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 
 from bossa_jax import sharding
 from bossa_jax.config import Config, Stage0Config
-from bossa_jax.errors import CheckpointError, ConfigError
+from bossa_jax.errors import CheckpointError
 from bossa_jax.models.arranger import IGNORE_INDEX, POSITION_START
 from bossa_jax.models.musecoco import CHECKPOINT_KIND, MuseCoco, save_musecoco
 from bossa_jax.train import loop
@@ -44,9 +44,9 @@ from bossa_jax.train.optim import make_optimizer
 from bossa_jax.train.stage1 import (
     STAGE2_SYMBOLIC_KEYS,
     ModelFields,
-    check_fills_batch,
-    load_split,
+    load_train_and_validation,
     make_pipeline,
+    refuse_before_data,
 )
 from bossa_jax.train.stage2 import stage2_loss
 from bossa_jax.train.step import (
@@ -168,19 +168,12 @@ def run(
 ) -> loop.TrainResult:
     """Stage-0 training with the generic loop on ``stage0.train`` (see the module docstring)."""
     run_config = loop_config(config)
-    train_cfg = run_config.train
-    mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-    with sharding.use_mesh(mesh, sharding.rules_of(config.mesh)):
-        try:  # before reading any data
-            loop.check_batch_divides(train_cfg.global_batch_size, mesh)
-        except ConfigError as err:  # the loop names its own section: name stage 0's
-            raise ConfigError(str(err).replace("'train.", "'stage0.train.", 1)) from err
-    loop.check_run_dir(train_cfg.out_dir, resume=resume, overwrite=overwrite)
-    train_split = load_split(run_config, "train")
-    evaluate = train_cfg.eval_every > 0 and config.stage0.eval_batches > 0
-    validation = load_split(run_config, "validation") if evaluate else None
-    if validation is not None:
-        check_fills_batch(validation, train_cfg.global_batch_size, STAGE, "stage0.train")
+    mesh = refuse_before_data(
+        run_config, mesh, section="stage0.train", resume=resume, overwrite=overwrite
+    )
+    train_split, validation = load_train_and_validation(
+        run_config, eval_batches=config.stage0.eval_batches, stage=STAGE, section="stage0.train"
+    )
     return loop.train(
         run_config,
         model_fn=functools.partial(build_model, config),

@@ -479,6 +479,35 @@ def check_fills_batch(
         )
 
 
+def refuse_before_data(
+    run_config: Config, mesh: Mesh | None, *, section: str, resume: bool, overwrite: bool
+) -> Mesh:
+    """What a stage's run refuses before any data is read: a global batch the mesh cannot split
+    (named in ``section``, the stage's train section) and a run folder that needs --resume or
+    --overwrite. Returns the mesh (made from ``run_config.mesh`` when None)."""
+    mesh = sharding.make_mesh(run_config.mesh) if mesh is None else mesh
+    with sharding.use_mesh(mesh, sharding.rules_of(run_config.mesh)):
+        try:
+            loop.check_batch_divides(run_config.train.global_batch_size, mesh)
+        except ConfigError as err:  # the loop names its own section: name the stage's
+            raise ConfigError(str(err).replace("'train.", f"'{section}.", 1)) from err
+    loop.check_run_dir(run_config.train.out_dir, resume=resume, overwrite=overwrite)
+    return mesh
+
+
+def load_train_and_validation(
+    run_config: Config, *, eval_batches: int, stage: int, section: str
+) -> tuple[Stage1Split, Stage1Split | None]:
+    """The train split and, when the run evaluates, the validation split (which must fill one
+    global batch of windows usable in ``stage``)."""
+    train_split = load_split(run_config, "train")
+    if run_config.train.eval_every <= 0 or eval_batches <= 0:
+        return train_split, None
+    validation = load_split(run_config, "validation")
+    check_fills_batch(validation, run_config.train.global_batch_size, stage, section)
+    return train_split, validation
+
+
 def load_split(config: Config, split: str) -> Stage1Split:
     """Reads the songs of ``split``, their codes, the window index and the audio source (features
     mode: the split's feature cache, built on first use)."""
@@ -668,17 +697,11 @@ def run(
     """Stage-1 training with the generic loop (logging, eval on the validation split, orbax
     checkpoints, resume / overwrite, SIGTERM/SIGINT, non-finite stop: see
     :mod:`bossa_jax.train.loop`)."""
-    mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-    # everything that can be refused is refused before any data is read
-    with sharding.use_mesh(mesh, sharding.rules_of(config.mesh)):
-        loop.check_batch_divides(config.train.global_batch_size, mesh)
-    loop.check_run_dir(config.train.out_dir, resume=resume, overwrite=overwrite)
+    mesh = refuse_before_data(config, mesh, section="train", resume=resume, overwrite=overwrite)
     check_musicgen_source(config)
-    train_split = load_split(config, "train")
-    evaluate = config.train.eval_every > 0 and config.stage1.eval_batches > 0
-    validation = load_split(config, "validation") if evaluate else None
-    if validation is not None:
-        check_fills_batch(validation, config.train.global_batch_size)
+    train_split, validation = load_train_and_validation(
+        config, eval_batches=config.stage1.eval_batches, stage=1, section="train"
+    )
     return loop.train(
         config,
         model_fn=functools.partial(build_model, config),

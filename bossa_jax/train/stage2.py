@@ -40,7 +40,6 @@ from jax.sharding import Mesh
 
 from bossa_jax import sharding
 from bossa_jax.config import Config, Stage2Config
-from bossa_jax.errors import ConfigError
 from bossa_jax.models import losses
 from bossa_jax.models.arranger import (
     IGNORE_INDEX,
@@ -54,12 +53,12 @@ from bossa_jax.train import loop
 from bossa_jax.train.optim import make_optimizer
 from bossa_jax.train.stage1 import (
     _require_path,
-    check_fills_batch,
     check_musicgen_source,
     eval_data,
     frozen_musicgen_config,
     init_musicgen,
-    load_split,
+    load_train_and_validation,
+    refuse_before_data,
     restore_for,
     train_data,
     write_params,
@@ -233,20 +232,13 @@ def run(
 ) -> loop.TrainResult:
     """Stage-2 training with the generic loop on ``stage2.train`` (see the module docstring)."""
     run_config = loop_config(config)
-    train_cfg = run_config.train
-    mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-    with sharding.use_mesh(mesh, sharding.rules_of(config.mesh)):
-        try:  # before reading any data
-            loop.check_batch_divides(train_cfg.global_batch_size, mesh)
-        except ConfigError as err:  # the loop names its own section: name stage 2's
-            raise ConfigError(str(err).replace("'train.", "'stage2.train.", 1)) from err
-    loop.check_run_dir(train_cfg.out_dir, resume=resume, overwrite=overwrite)
+    mesh = refuse_before_data(
+        run_config, mesh, section="stage2.train", resume=resume, overwrite=overwrite
+    )
     check_musicgen_source(config, config.stage2.init_from)
-    train_split = load_split(run_config, "train")
-    evaluate = train_cfg.eval_every > 0 and config.stage2.eval_batches > 0
-    validation = load_split(run_config, "validation") if evaluate else None
-    if validation is not None:
-        check_fills_batch(validation, train_cfg.global_batch_size, STAGE, "stage2.train")
+    train_split, validation = load_train_and_validation(
+        run_config, eval_batches=config.stage2.eval_batches, stage=STAGE, section="stage2.train"
+    )
     return loop.train(
         run_config,
         model_fn=functools.partial(build_model, config),
