@@ -243,11 +243,11 @@ def loadavg() -> float:
         return 0.0
 
 
-def jax_official_runner(cfg, local):
-    """(run(steps) -> seconds per step, info) for the jitted bossa-jax step."""
+def timed_jax_steps(step, program, batch, rng):
+    """(run(steps) -> seconds per step, box) for a compiled bossa-jax train step: ``box`` carries
+    the advanced state and the last loss between calls (shared by both step benchmarks)."""
     import jax
 
-    step, program, batch, rng, compile_s, flops = compile_jax_step(cfg, local)
     box = {"state": program.state}
 
     def run(steps: int) -> float:
@@ -259,6 +259,13 @@ def jax_official_runner(cfg, local):
         box["state"], box["loss"] = state, float(metrics["loss"])
         return (time.perf_counter() - t0) / steps
 
+    return run, box
+
+
+def jax_official_runner(cfg, local):
+    """(run(steps) -> seconds per step, info) for the jitted bossa-jax step."""
+    step, program, batch, rng, compile_s, flops = compile_jax_step(cfg, local)
+    run, box = timed_jax_steps(step, program, batch, rng)
     info = {"compile_s": compile_s, "flops_per_step": flops}
     return run, info, box
 

@@ -67,6 +67,7 @@ from bench.stage1_step import (  # noqa: E402
     loadavg,
     ref_config,
     sdpa_self_attention,
+    timed_jax_steps,
     torch_musicgen,
     torch_musicgen_features,
 )
@@ -351,16 +352,7 @@ def jax_runner(cfg, local, torch_models, *, profile: bool):
         compile_s = time.perf_counter() - t0
     cost = step.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    box = {"state": program.state}
-
-    def run(steps: int) -> float:
-        state = box["state"]
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = step(state, program.frozen, batch, rng)
-        jax.block_until_ready(metrics)
-        box["state"], box["loss"] = state, float(metrics["loss"])
-        return (time.perf_counter() - t0) / steps
+    run, box = timed_jax_steps(step, program, batch, rng)
 
     eval_fn = stage2.make_loss_fn(cfg.stage2, train=False)
 
