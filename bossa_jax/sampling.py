@@ -7,7 +7,10 @@ the whole causal linear-attention product at every step (SPEC 4.5 "KV cache"). H
   MuseCoco's parallel form, which returns the last valid position's logits and every layer's
   linear-attention state after the prompt (padded keys add nothing to it);
 * then one jitted ``lax.while_loop`` of :meth:`MuseCoco.decode_step` (O(1) per token) over a
-  fixed-shape carry: token buffer, per-layer state, step, done flags, stop counters;
+  fixed-shape carry: token buffer, per-layer state, step, done flags, stop counters; the step runs
+  :meth:`MuseCoco.decoding_layers`, made once per sampler (unstacked blocks: a scan over stacked
+  kernels copies each layer's kernels at every token, twice the memory traffic of a step that is
+  memory-bound at batch 1; LoRA merged in fp32);
 * each draw: the logits divided by the temperature, the ``top_k`` largest kept (``lax.top_k``), then
   optionally the smallest set of those with cumulative probability >= ``top_p`` (SPEC 8.1
   ``nucleus_filter``), and a categorical draw over what is left;
@@ -39,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from bossa_jax.errors import ConfigError, DataError
-from bossa_jax.layers import LinearAttentionState
+from bossa_jax.layers import LinearAttentionState, unstack
 from bossa_jax.models.musecoco import MuseCoco
 from bossa_jax.sharding import constrain, named_shardings
 
@@ -117,11 +120,15 @@ def step_keys(keys: jax.Array, step: jax.Array) -> jax.Array:
     return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
 
 
-def _constrain_state(state: LinearAttentionState) -> LinearAttentionState:
-    return LinearAttentionState(
-        constrain(state.kv, "layers", "batch", "heads", None, None),
-        constrain(state.k_sum, "layers", "batch", "heads", None),
-    )
+def _constrain_state(states: list[LinearAttentionState]) -> list[LinearAttentionState]:
+    """Each layer's decode state sharded by batch and heads."""
+    return [
+        LinearAttentionState(
+            constrain(state.kv, "batch", "heads", None, None),
+            constrain(state.k_sum, "batch", "heads", None),
+        )
+        for state in states
+    ]
 
 
 def prompt_logits_and_state(
@@ -142,11 +149,22 @@ def prompt_logits_and_state(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "top_k", "capacity", "eos_id", "bar_id", "pad_id", "keep_logits"),
+    static_argnames=(
+        "graphdef",
+        "layer_graphdef",
+        "top_k",
+        "capacity",
+        "eos_id",
+        "bar_id",
+        "pad_id",
+        "keep_logits",
+    ),
 )
 def _sample(
     graphdef: nnx.GraphDef,
     params: nnx.State,
+    layer_graphdef: nnx.GraphDef,
+    layer_params: tuple[nnx.State, ...],
     tokens: jax.Array,
     lengths: jax.Array,
     prefix_embeddings: jax.Array | None,
@@ -167,11 +185,13 @@ def _sample(
     keep_logits: bool,
 ) -> dict[str, jax.Array]:
     """Prompt + while loop, compiled once per (graphdef, batch, buckets, static settings).
+    ``layer_graphdef`` / ``layer_params``: the model's :meth:`~MuseCoco.decoding_layers`, split.
 
     ``forced`` (B, capacity): teacher forcing (tokens used instead of draws, stop rules still
     applied); ``keep_logits``: also return the logits each step drew from (B, capacity, vocab).
     """
     model = nnx.merge(graphdef, params)
+    layers = [nnx.merge(layer_graphdef, layer) for layer in layer_params]
     batch = tokens.shape[0]
     tokens = constrain(tokens, "batch", "length")
     logits, state = prompt_logits_and_state(
@@ -184,7 +204,7 @@ def _sample(
     carry = dict(
         step=jnp.int32(0),
         logits=constrain(logits, "batch", "vocab"),
-        state=_constrain_state(state),
+        state=_constrain_state(unstack(state)),
         generated=jnp.full((batch, capacity), pad_id, jnp.int32),
         count=jnp.zeros(batch, jnp.int32),
         bars=jnp.zeros(batch, jnp.int32),
@@ -213,7 +233,9 @@ def _sample(
         count = c["count"] + append
         reason = jnp.where(stopped, jnp.where(is_eos, STOP_EOS, STOP_BARS), c["stop_reason"])
         # every row advances in lockstep: an active row's new token sits at prompt_len + step
-        next_logits, state = model.decode_step(token, c["state"], lengths + step, position_start)
+        next_logits, state = model.decode_step(
+            token, c["state"], lengths + step, position_start, layers
+        )
         out = dict(
             step=step + 1,
             logits=constrain(next_logits, "batch", "vocab"),
@@ -276,6 +298,11 @@ class Sampler:
         self.graphdef, self.params = nnx.split(model)
         if mesh is not None:
             self.params = jax.device_put(self.params, named_shardings(self.params, mesh))
+        # made once here (eagerly, from the placed parameters): a second copy of the blocks'
+        # kernels, so that no sampler call copies them again
+        layers = nnx.merge(self.graphdef, self.params).decoding_layers()
+        self.layer_graphdef = nnx.graphdef(layers[0])
+        self.layer_params = tuple(nnx.state(layer) for layer in layers)
 
     @staticmethod
     def compiled_programs() -> int:
@@ -333,6 +360,8 @@ class Sampler:
         out = _sample(
             self.graphdef,
             self.params,
+            self.layer_graphdef,
+            self.layer_params,
             tokens,
             lengths,
             prefix_embeddings,

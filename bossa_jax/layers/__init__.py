@@ -32,7 +32,7 @@ from bossa_jax.layers.positions import (
     musicgen_positions,
     sinusoidal,
 )
-from bossa_jax.layers.stack import scan_modules, stack_modules
+from bossa_jax.layers.stack import scan_modules, stack_modules, unstack, unstack_modules
 
 __all__ = [
     "MLP",
@@ -58,4 +58,6 @@ __all__ = [
     "scan_modules",
     "sinusoidal",
     "stack_modules",
+    "unstack",
+    "unstack_modules",
 ]

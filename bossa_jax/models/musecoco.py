@@ -45,8 +45,10 @@ from bossa_jax.layers import (
     LinearAttentionState,
     fairseq_position_ids,
     fairseq_positions,
+    merge_lora,
     scan_modules,
     stack_modules,
+    unstack_modules,
 )
 from bossa_jax.sharding import constrain
 
@@ -200,17 +202,31 @@ class MuseCoco(nnx.Module):
             lambda a: jnp.broadcast_to(a, (self.cfg.num_hidden_layers, *a.shape)), one
         )
 
+    def decoding_layers(self) -> list[MuseCocoBlock]:
+        """The blocks as :meth:`decode_step` runs them fastest, made once per sampler: unstacked
+        (``layers.stack``: no per-token copy of each layer's kernels) and, with fp32 kernels, LoRA
+        merged into the base (fewer small matmuls; in fp32 the merge changes only rounding, in
+        bf16 it would round the adapter's delta, so bf16 kept unmerged)."""
+        blocks = unstack_modules(self.layers)
+        if self.dtype == jnp.float32:
+            blocks = [merge_lora(block) for block in blocks]
+        return blocks
+
     def decode_step(
         self,
         token: jax.Array,
-        state: LinearAttentionState,
+        state: LinearAttentionState | list[LinearAttentionState],
         position: jax.Array,
         position_start: int | jax.Array = 0,
-    ) -> tuple[jax.Array, LinearAttentionState]:
+        layers: list[MuseCocoBlock] | None = None,
+    ) -> tuple[jax.Array, LinearAttentionState | list[LinearAttentionState]]:
         """One new token per row: ``token`` (B,) at token index ``position`` (B,) or () of the
         sequence :meth:`__call__` was given (prefix not counted), ``state`` from
         :meth:`__call__` (``return_state``) or :meth:`empty_state`. Returns fp32 logits (B, vocab)
-        and the advanced state. Equal to the parallel form's row at that position."""
+        and the advanced state. Equal to the parallel form's row at that position.
+
+        ``layers`` (from :meth:`decoding_layers`): run those blocks instead of the stacked ones;
+        ``state`` is then a list of per-layer states (``layers.unstack``) and comes back as one."""
         cfg = self.cfg
         position = jnp.broadcast_to(jnp.asarray(position), token.shape)
         position_ids = jnp.where(
@@ -225,7 +241,8 @@ class MuseCoco(nnx.Module):
         ) -> tuple[jax.Array, LinearAttentionState]:
             return block.step(h, layer_state)
 
-        x, state = scan_modules(self.layers, x, run_block, state, per_layer=True)
+        blocks = self.layers if layers is None else layers
+        x, state = scan_modules(blocks, x, run_block, state, per_layer=True)
         return self.logits(x), state
 
 

@@ -22,7 +22,7 @@ import torch
 from flax import nnx
 
 from bossa_jax.config import MuseCocoConfig, load_config
-from bossa_jax.layers import merge_lora
+from bossa_jax.layers import merge_lora, unstack
 from bossa_jax.models.losses import cross_entropy
 from bossa_jax.models.musecoco import MuseCoco
 from convert.musecoco import convert_musecoco
@@ -106,6 +106,21 @@ def decoder(model: MuseCoco):
     return functools.partial(_decode, graphdef, params)
 
 
+def layer_decoder(model: MuseCoco):
+    """The jitted ``decode_step`` over :meth:`MuseCoco.decoding_layers` (the sampler's form:
+    unstacked blocks, LoRA merged, a list of per-layer states)."""
+    graphdef, params = nnx.split(model)
+    layers = model.decoding_layers()
+    layer_graphdef = nnx.graphdef(layers[0])
+
+    @jax.jit
+    def step(params, layer_params, token, state, position, start):
+        blocks = [nnx.merge(layer_graphdef, p) for p in layer_params]
+        return nnx.merge(graphdef, params).decode_step(token, state, position, start, blocks)
+
+    return functools.partial(step, params, tuple(nnx.state(layer) for layer in layers))
+
+
 def jax_loss(logits: jax.Array, labels: np.ndarray) -> jax.Array:
     per_token = cross_entropy(logits[:, :-1], jnp.asarray(labels[:, 1:]))
     return per_token.sum() / (labels[:, 1:] != -100).sum()
@@ -143,8 +158,14 @@ def test_decode_steps_equal_the_parallel_form_at_every_position(model):
     logits, state = forward(model, tokens[:, :prompt], None, prefix, POS_START, return_state=True)
     np.testing.assert_allclose(logits[:, PREFIX:], full[:, :prompt], atol=1e-5)
     step = decoder(model)
+    # the sampler's form: unstacked blocks with LoRA merged, per-layer states
+    assert model.layers.self_attn.q_proj.lora is not None
+    assert all(b.self_attn.q_proj.lora is None for b in model.decoding_layers())
+    layer_step, layer_state = layer_decoder(model), unstack(state)
     for i in range(prompt, tokens.shape[1]):
         row, state = step(tokens[:, i], state, i, POS_START)
+        np.testing.assert_allclose(np.asarray(row), np.asarray(full[:, i]), atol=1e-5)
+        row, layer_state = layer_step(tokens[:, i], layer_state, i, POS_START)
         np.testing.assert_allclose(np.asarray(row), np.asarray(full[:, i]), atol=1e-5)
 
 
