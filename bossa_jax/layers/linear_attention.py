@@ -99,30 +99,38 @@ def causal_linear_attention(
         chunked(v.astype(jnp.float32)),
     )
     causal = jnp.tril(jnp.ones((chunk, chunk), jnp.float32))
-    if state is None:
-        state = LinearAttentionState.empty(batch, heads, key_dim, value_dim)
 
     # rematerialised in the backward pass: only each chunk's inputs and incoming state are kept,
     # not its (C x C) scores (one paper-size layer, batch 4, L 1032: backward temporaries
     # 409 -> 311 MB as compiled for CPU)
     @jax.checkpoint
     def body(
-        carry: LinearAttentionState, block: tuple[jax.Array, jax.Array, jax.Array]
+        carry: LinearAttentionState | None, block: tuple[jax.Array, jax.Array, jax.Array]
     ) -> tuple[LinearAttentionState, jax.Array]:
+        """One chunk; ``carry`` None: nothing before it."""
         phi_q, phi_k, values = block  # (B, H, C, D), (B, H, C, D), (B, H, C, Dv)
         scores = _sum("bhid,bhjd->bhij", phi_q, phi_k) * causal
-        numerator = _sum("bhij,bhje->bhie", scores, values) + _sum(
-            "bhid,bhde->bhie", phi_q, carry.kv
-        )
-        normaliser = jnp.sum(scores, axis=-1) + _sum("bhid,bhd->bhi", phi_q, carry.k_sum)
+        numerator = _sum("bhij,bhje->bhie", scores, values)
+        normaliser = jnp.sum(scores, axis=-1)
+        if carry is not None:
+            numerator = numerator + _sum("bhid,bhde->bhie", phi_q, carry.kv)
+            normaliser = normaliser + _sum("bhid,bhd->bhi", phi_q, carry.k_sum)
         out = numerator / (normaliser[..., None] + eps)
-        carry = LinearAttentionState(
-            carry.kv + _sum("bhjd,bhje->bhde", phi_k, values),
-            carry.k_sum + jnp.sum(phi_k, axis=2),
-        )
-        return carry, out
+        added = LinearAttentionState(_sum("bhjd,bhje->bhde", phi_k, values), jnp.sum(phi_k, axis=2))
+        if carry is not None:
+            added = LinearAttentionState(carry.kv + added.kv, carry.k_sum + added.k_sum)
+        return added, out
 
-    state, out = jax.lax.scan(body, state, xs)
+    if state is None and num_chunks == 1:
+        # No scan and no empty state: jaxlib 0.10.2's XLA CPU fuses a one-chunk scan's products
+        # with a constant all-zero state into one YNNPACK fusion that returns garbage (~1e30 or
+        # NaN) from batch 4-8 at 8 heads of 64 (a prompt of <= 128 tokens in a batch of songs).
+        state, out = body(None, jax.tree.map(lambda x: x[0], xs))
+        out = out[None]
+    else:
+        if state is None:
+            state = LinearAttentionState.empty(batch, heads, key_dim, value_dim)
+        state, out = jax.lax.scan(body, state, xs)
     # (num_chunks, B, H, chunk, Dv) -> (B, L, H, Dv)
     out = out.transpose(1, 0, 3, 2, 4).reshape(batch, num_chunks * chunk, heads, value_dim)
     return out[:, :length].astype(q.dtype), state
