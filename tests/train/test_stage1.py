@@ -67,14 +67,18 @@ def flat(tree):
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
 
 
-def test_sharded_step_equals_single_device(corpus):
+@pytest.fixture(scope="module")
+def fp32_step(corpus):
+    """(first train batch, one_step's result) of the fp32 step on one device: the reference of
+    both the sharded and the bf16 step (compiled once for the two)."""
     cfg = tiny_config(corpus, "train.compute_dtype=float32")
-    data = stage1.load_split(cfg, "train")
-    local = next(stage1.train_data(cfg, data)(0, 1))
-    assert set(local) == {"notes", "leadsheet_mask", "pad_mask", "audio_mask", "codes"}
+    local = next(stage1.train_data(cfg, stage1.load_split(cfg, "train"))(0, 1))
+    return local, one_step(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]), local)
 
-    single = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    m1, p1, frozen1, frozen1_after = one_step(cfg, single, local)
+
+def test_sharded_step_equals_single_device(corpus, fp32_step):
+    local, (m1, p1, frozen1, frozen1_after) = fp32_step
+    assert set(local) == {"notes", "leadsheet_mask", "pad_mask", "audio_mask", "codes"}
     cfg8 = tiny_config(corpus, "train.compute_dtype=float32", "mesh.shape={data: 2, fsdp: 4}")
     mesh8 = sharding.make_mesh(cfg8.mesh)
     m8, p8, _, _ = one_step(cfg8, mesh8, local)
@@ -143,14 +147,12 @@ def test_batch_spec_matches_pipeline(corpus, audio_input):
 BF16_TOL = 5e-3
 
 
-def test_bf16_step_matches_fp32_losses(corpus):
+def test_bf16_step_matches_fp32_losses(corpus, fp32_step):
     """One bf16 train step gives the fp32 step's losses within BF16_TOL (same weights, batch and
     dropout key), and its updated parameters stay fp32."""
-    cfg32 = tiny_config(corpus, "train.compute_dtype=float32")
-    local = next(stage1.train_data(cfg32, stage1.load_split(cfg32, "train"))(0, 1))
-    mesh = sharding.make_mesh(cfg32.mesh, jax.devices()[:1])
-    m32, _, _, _ = one_step(cfg32, mesh, local)
-    m16, p16, _, _ = one_step(tiny_config(corpus, "train.compute_dtype=bfloat16"), mesh, local)
+    local, (m32, _, _, _) = fp32_step
+    cfg16 = tiny_config(corpus, "train.compute_dtype=bfloat16")
+    m16, p16, _, _ = one_step(cfg16, sharding.make_mesh(cfg16.mesh, jax.devices()[:1]), local)
     assert {x.dtype for x in jax.tree.leaves(p16)} == {jnp.dtype(jnp.float32)}
     for name in ("loss", "itc", "itm", "itg", *(k for k in m32 if k.startswith("itg_"))):
         assert np.isfinite(m16[name]), name
