@@ -7,72 +7,41 @@ without --resume / --overwrite, --resume skips finished stages, and bad input is
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.train.mini_recipe import (
+    LOOP,
+    TINY,
+    build_folder,
+    env,
+    mini_command,
+    start_build,
+    wait_for_build,
+)
+
 STAGES = ("stage0", "stage1", "stage2")
-# 8 steps logged as 2 means of 4: with ~8 training windows a batch of 4 sees every window twice in
-# each half, so the two means compare the same data (single steps differ by their batch)
-LOOP = dict(total_steps=8, global_batch_size=4, log_every=4, eval_every=0, checkpoint_every=0)
-TINY = [
-    "qformer.hidden_size=32",
-    "qformer.num_hidden_layers=2",
-    "qformer.num_attention_heads=2",
-    "qformer.intermediate_size=64",
-    "qformer.num_query_tokens=4",
-    "audio.n_mels=16",
-    "qformer.encoder_width=16",
-    "musecoco.hidden_size=32",
-    "musecoco.num_attention_heads=2",
-    "musecoco.num_hidden_layers=1",
-    "musecoco.ffn_dim=64",
-    "stage2.max_tokens=512",
-    "train.optim.warmup_steps=1",
-    "stage0.train.optim.warmup_steps=1",
-    "stage2.train.optim.warmup_steps=1",
-    "stage0.train.optim.lr=0.01",
-    # stage 2 learns far less than stage 0 on top of a 5-step LM: a high rate and 12 steps (three
-    # means of 4) make its decrease clear
-    "stage2.train.optim.lr=0.05",
-    "musecoco.lora_rank=4",
-    *(f"{section}.{k}={v}" for section in ("train", "stage0.train", "stage2.train")
-      for k, v in LOOP.items()),
-    "stage2.train.total_steps=12",
-]  # fmt: skip
-
-
-def _env(tmp: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        # one device; cheaper LLVM passes (compile time dominates a tiny run on CPU)
-        XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=1 "
-        "--xla_llvm_disable_expensive_passes=true",
-        PYTHONPATH=str(ROOT),
-    )
-    return env
 
 
 def _mini(tmp: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "train.py"), "mini", *args]
     return subprocess.run(
-        cmd, cwd=tmp, env=_env(tmp), capture_output=True, text=True, timeout=timeout
+        mini_command(*args), cwd=tmp, env=env(tmp), capture_output=True, text=True, timeout=timeout
     )
 
 
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mini")
-    out = tmp / "run"
-    result = _mini(tmp, "--out", str(out), "--songs", "6", "--bars", "8", "--seed", "3", *TINY)
+@pytest.fixture(scope="session")
+def recipe(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """(run folder, the command's result) of the session's one tiny recipe (mini_recipe.py;
+    tests/conftest.py starts it in the background at the session's start)."""
+    folder = build_folder(tmp_path_factory.getbasetemp())
+    start_build(folder)  # a no-op when the session's start (or another worker) began it
+    out, result = wait_for_build(folder)
     assert result.returncode == 0, result.stderr[-3000:]
-    return tmp, out, result
+    return out, result
 
 
 def _train_losses(run_dir: Path) -> list[float]:
@@ -82,7 +51,7 @@ def _train_losses(run_dir: Path) -> list[float]:
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_learns(recipe, stage):
-    _, out, _ = recipe
+    out, _ = recipe
     losses = _train_losses(out / stage)
     steps = 12 if stage == "stage2" else LOOP["total_steps"]
     assert len(losses) == steps // LOOP["log_every"]
@@ -100,7 +69,7 @@ def test_files_are_valid_and_the_final_model_samples(recipe):
     from bossa_jax.symbolic import remi
     from bossa_jax.train import mini
 
-    _, out, result = recipe
+    out, result = recipe
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"model": str(out / "model")}
     lm = load_musecoco(out / "stage0-lm")
     assert not lm.cfg.lora and lm.cfg.hidden_size == 32
@@ -130,8 +99,9 @@ def test_files_are_valid_and_the_final_model_samples(recipe):
     assert len(manifest) == 6
 
 
-def test_rerun_is_refused_and_resume_skips_finished_stages(recipe):
-    tmp, out, _ = recipe
+def test_rerun_is_refused_and_resume_skips_finished_stages(recipe, tmp_path):
+    tmp = tmp_path
+    out = shutil.copytree(recipe[0], tmp / "run", symlinks=True)  # the shared run stays read-only
     refused = _mini(tmp, "--out", str(out), "--songs", "6", "--bars", "8", *TINY)
     assert refused.returncode != 0
     assert len(refused.stderr.strip().splitlines()) == 1

@@ -4,6 +4,12 @@ and outside the trainable set, bf16 layout, batch layout."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import pickle
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,14 +73,44 @@ def flat(tree):
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
 
 
-def test_sharded_step_equals_single_device(corpus):
-    cfg = tiny_config(corpus, "train.compute_dtype=float32")
-    data = stage1.load_split(cfg, "train")
-    local = next(stage1.train_data(cfg, data)(0, 1))
-    assert set(local) == {"notes", "leadsheet_mask", "pad_mask", "audio_mask", "codes"}
+@contextlib.contextmanager
+def _locked(path: Path):
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
-    single = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    m1, p1, frozen1, frozen1_after = one_step(cfg, single, local)
+
+@pytest.fixture(scope="module")
+def fp32_step(corpus, tmp_path_factory):
+    """(first train batch, metrics, updated trainable params, frozen state before/after; numpy,
+    the trees flattened as :func:`flat` does) of the fp32 step on one device: the reference of
+    both the sharded and the bf16 step, computed once per session. pytest-xdist's workers share
+    it through a file in the session's temp root (the parent of their own): the first to take
+    the lock computes it, the other waits instead of compiling the same step."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    saved = root / "stage1-fp32-step.pkl"
+    with _locked(root / "stage1-fp32-step.lock"):
+        if not saved.is_file():
+            cfg = tiny_config(corpus, "train.compute_dtype=float32")
+            local = next(stage1.train_data(cfg, stage1.load_split(cfg, "train"))(0, 1))
+            mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+            metrics, params, frozen, frozen_after = one_step(cfg, mesh, local)
+            result = (local, metrics, flat(params), flat(frozen), flat(frozen_after))
+            with open(saved.with_suffix(".tmp"), "wb") as f:
+                pickle.dump(jax.device_get(result), f)
+            saved.with_suffix(".tmp").rename(saved)
+        with open(saved, "rb") as f:
+            return pickle.load(f)
+
+
+def test_sharded_step_equals_single_device(corpus, fp32_step):
+    local, m1, f1, frozen1, frozen1_after = fp32_step
+    assert set(local) == {"notes", "leadsheet_mask", "pad_mask", "audio_mask", "codes"}
     cfg8 = tiny_config(corpus, "train.compute_dtype=float32", "mesh.shape={data: 2, fsdp: 4}")
     mesh8 = sharding.make_mesh(cfg8.mesh)
     m8, p8, _, _ = one_step(cfg8, mesh8, local)
@@ -89,7 +125,7 @@ def test_sharded_step_equals_single_device(corpus):
         np.testing.assert_allclose(m8[name], m1[name], rtol=TOL, atol=TOL, err_msg=name)
 
     # the updated parameters, sharded on 8 devices, equal the single-device ones
-    f1, f8 = flat(p1), flat(p8)
+    f8 = flat(p8)
     assert f1.keys() == f8.keys()
     worst = max(float(np.max(np.abs(f1[k] - f8[k]))) for k in f1)
     assert worst <= TOL, worst
@@ -102,9 +138,9 @@ def test_sharded_step_equals_single_device(corpus):
 
     # MusicGen is frozen: not in the trainable state, untouched by the step
     assert not any("musicgen" in k for k in f1)
-    assert any("musicgen" in k for k in flat(frozen1))
-    for k, v in flat(frozen1).items():
-        np.testing.assert_array_equal(flat(frozen1_after)[k], v, err_msg=k)
+    assert any("musicgen" in k for k in frozen1)
+    for k, v in frozen1.items():
+        np.testing.assert_array_equal(frozen1_after[k], v, err_msg=k)
 
 
 def test_bf16_layout_and_trainable_filter():
@@ -143,14 +179,12 @@ def test_batch_spec_matches_pipeline(corpus, audio_input):
 BF16_TOL = 5e-3
 
 
-def test_bf16_step_matches_fp32_losses(corpus):
+def test_bf16_step_matches_fp32_losses(corpus, fp32_step):
     """One bf16 train step gives the fp32 step's losses within BF16_TOL (same weights, batch and
     dropout key), and its updated parameters stay fp32."""
-    cfg32 = tiny_config(corpus, "train.compute_dtype=float32")
-    local = next(stage1.train_data(cfg32, stage1.load_split(cfg32, "train"))(0, 1))
-    mesh = sharding.make_mesh(cfg32.mesh, jax.devices()[:1])
-    m32, _, _, _ = one_step(cfg32, mesh, local)
-    m16, p16, _, _ = one_step(tiny_config(corpus, "train.compute_dtype=bfloat16"), mesh, local)
+    local, m32 = fp32_step[:2]
+    cfg16 = tiny_config(corpus, "train.compute_dtype=bfloat16")
+    m16, p16, _, _ = one_step(cfg16, sharding.make_mesh(cfg16.mesh, jax.devices()[:1]), local)
     assert {x.dtype for x in jax.tree.leaves(p16)} == {jnp.dtype(jnp.float32)}
     for name in ("loss", "itc", "itm", "itg", *(k for k in m32 if k.startswith("itg_"))):
         assert np.isfinite(m16[name]), name

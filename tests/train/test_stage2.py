@@ -209,7 +209,9 @@ def _stage2_process(data_dir: Path, out_dir: Path) -> subprocess.Popen:
         os.environ,
         PYTHONPATH=str(ROOT),
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        # cheaper LLVM passes for its compile, same numerics (FAST_COMPILE)
+        XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
+        "--xla_llvm_disable_expensive_passes=true",
     )
     argv = ["train.py", "stage2", "--config", "configs/tiny.yaml", *overrides(data_dir, out_dir)]
     return subprocess.Popen(
