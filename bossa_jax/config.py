@@ -557,12 +557,35 @@ class Stage0Config(Section):
     (``</s>`` + attributes + ``<sep>`` + lead sheet + ``<sep>`` + arrangement + ``</s>``, SPEC
     6.5; the ``stage1`` section's data settings) with next-token cross-entropy on the arrangement
     and, with ``prompt_loss``, on the lead-sheet prompt too, so the frozen LM already continues a
-    lead-sheet prompt with an arrangement. ``dropout``: MuseCoco's dropout in training."""
+    lead-sheet prompt with an arrangement. ``dropout``: MuseCoco's dropout in training.
+
+    Style attribute (as MuseCoco itself was pre-trained on attributes, SPEC 5.1): with
+    ``style_attribute_rate`` > 0, that share of the training sequences whose song's manifest
+    ``style`` is the k-th of ``styles`` carry the genre attribute ``S4_<k>_0`` instead of the
+    prompt's ``S4_<k>_2`` (not given); the rest keep the prompt stage 2 and inference use. The LM
+    so learns what a style prefix means, and stage 2 only has to map the audio queries onto it.
+    Evaluation keeps the plain prompt."""
 
     train: Stage0TrainConfig = dataclasses.field(default_factory=Stage0TrainConfig)
     prompt_loss: bool = True
     dropout: bool = False
     eval_batches: int = option(2, NON_NEGATIVE)
+    style_attribute_rate: float = option(0.0, PROBABILITY)
+    styles: tuple[str, ...] = ()
+
+    def check_relations(self, prefix: str) -> None:
+        from bossa_jax.symbolic.remi import NUM_GENRES
+
+        _require(
+            len(self.styles) <= NUM_GENRES,
+            _join(prefix, "styles"),
+            f"at most {NUM_GENRES} (MuseCoco's genre attributes), got {len(self.styles)}",
+        )
+        _require(
+            self.style_attribute_rate == 0 or len(self.styles) > 0,
+            _join(prefix, "style_attribute_rate"),
+            "needs stage0.styles (the style labels, in the order of their genre attributes)",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

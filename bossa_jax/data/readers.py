@@ -40,7 +40,8 @@ JSONL manifest (your own data), one object per line; paths are relative to the m
   arrangement's), or ``chords`` = a POP909-style ``chord_midi.txt`` with the melody taken from the
   arrangement track named ``melody_track`` (default ``MELODY``). Optional ``id`` (default: the
   arrangement's file stem), ``dataset`` (default: the manifest's stem), ``split`` (train /
-  validation / test), ``style`` (a label for evaluation, e.g. the style corpus's; not read here).
+  validation / test), ``style`` (a label, e.g. the style corpus's: kept on the record for
+  evaluation and for stage 0's style attribute).
 
 Splits are per song, never per window. In order of precedence: the manifest's ``split`` field, a
 split file in the official ``dataset_split.json`` format (``{"<dataset>": {"validation": [names],
@@ -95,6 +96,7 @@ class SongSource:
     chords: Path | None = None
     melody_track: str = "MELODY"
     split: str | None = None
+    style: str | None = None  # a manifest's label (the style corpus's): evaluation, stage 0
 
     @property
     def id(self) -> str:
@@ -110,6 +112,7 @@ class SongRecord:
     song: Song
     audio: Path | None
     split: str
+    style: str | None = None
 
 
 @dataclasses.dataclass
@@ -279,6 +282,7 @@ def _manifest_entry(line: str, base: Path, default_dataset: str) -> SongSource:
         chords=resolve("chords"),
         melody_track=str(entry.get("melody_track", "MELODY")),
         split=split,
+        style=None if entry.get("style") is None else str(entry["style"]),
     )
 
 
@@ -411,7 +415,9 @@ def read_songs(
             # MidiError / AudioError); anything else is a bug and must not pass as a skipped song
             summary.skip(source.id, str(err), logger)
             continue
-        records.append(SongRecord(source.id, source.dataset, song, source.audio, song_split))
+        records.append(
+            SongRecord(source.id, source.dataset, song, source.audio, song_split, source.style)
+        )
         summary.read += 1
     (logger or log).info("%s", summary)
     return records, summary

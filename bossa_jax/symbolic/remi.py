@@ -78,6 +78,12 @@ ATTRIBUTE_TOKENS: tuple[str, ...] = (
     + tuple(f"S4_{i}_2" for i in range(22))
 )
 ATTRIBUTE_IDS = np.array([VOCAB[t] for t in ATTRIBUTE_TOKENS], dtype=np.int64)
+# MuseCoco's genre attributes S4_<k>_<v> (SPEC 5.1; v: 0 present, 1 absent, 2 not given): the
+# prompt carries every S4_<k>_2 at index GENRE_POSITION + k; BOSSA-mini's stage 0 may set one
+# S4_<k>_0 to name a song's style (bossa_jax.train.lm)
+NUM_GENRES = 22
+GENRE_POSITION = 1 + ATTRIBUTE_TOKENS.index("S4_0_2")
+GENRE_PRESENT_IDS = np.array([VOCAB[f"S4_{k}_0"] for k in range(NUM_GENRES)], dtype=np.int64)
 PROMPT_PREFIX_IDS = np.concatenate([[BOS], ATTRIBUTE_IDS, [SEP]]).astype(np.int64)  # 62 ids
 
 _FIELD_OF_COLUMN = {1: "o", 2: "i", 3: "p", 4: "d", 5: "v", 6: "s", 7: "t"}

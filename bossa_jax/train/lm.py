@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -38,6 +39,7 @@ from bossa_jax.config import Config, Stage0Config
 from bossa_jax.errors import CheckpointError
 from bossa_jax.models.arranger import IGNORE_INDEX, POSITION_START
 from bossa_jax.models.musecoco import CHECKPOINT_KIND, MuseCoco, save_musecoco
+from bossa_jax.symbolic import remi
 from bossa_jax.train import loop
 from bossa_jax.train.checkpoint import TrainCheckpointer
 from bossa_jax.train.optim import make_optimizer
@@ -99,6 +101,20 @@ def lm_labels(
     return jnp.where(ignored, IGNORE_INDEX, tokens).astype(jnp.int32)
 
 
+def with_style_attribute(
+    tokens: jax.Array, style: jax.Array, rng: jax.Array, rate: float
+) -> jax.Array:
+    """``tokens`` (B, L) with the genre attribute ``S4_<k>_0`` at its prompt slot for a random
+    ``rate`` share of the rows whose ``style`` index k is >= 0 (-1: no label; see
+    ``Stage0Config``)."""
+    style = jnp.asarray(style, jnp.int32)
+    slot = remi.GENRE_POSITION + jnp.maximum(style, 0)
+    rows = jnp.arange(tokens.shape[0])
+    present = jnp.asarray(remi.GENRE_PRESENT_IDS, tokens.dtype)[jnp.maximum(style, 0)]
+    named = (style >= 0) & (jax.random.uniform(rng, style.shape) < rate)
+    return tokens.at[rows, slot].set(jnp.where(named, present, tokens[rows, slot]))
+
+
 def lm_loss_fn(
     model: MuseCoco,
     batch: Mapping[str, jax.Array],
@@ -106,11 +122,16 @@ def lm_loss_fn(
     *,
     prompt_loss: bool = True,
     dropout: bool = False,
+    style_attribute_rate: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The step's ``loss_fn``: next-token cross-entropy over the stage-2 sequence (see the module
-    docstring). Metrics: ``loss``, ``arrangement_loss`` (the arrangement and ``</s>`` only: what
-    stage 2 optimises) and ``supervised_tokens``."""
+    docstring), with the style attribute of ``Stage0Config`` when ``style_attribute_rate`` > 0
+    (the batch then has ``style``). Metrics: ``loss``, ``arrangement_loss`` (the arrangement and
+    ``</s>`` only: what stage 2 optimises) and ``supervised_tokens``."""
     tokens, control, pad = batch["tokens"], batch["control_mask"], batch["pad_mask"]
+    if style_attribute_rate > 0:
+        rng, style_rng = jax.random.split(rng)
+        tokens = with_style_attribute(tokens, batch["style"], style_rng, style_attribute_rate)
     logits = model(
         tokens,
         jnp.asarray(pad, bool),
@@ -128,7 +149,11 @@ def lm_loss_fn(
 
 
 def make_loss_fn(cfg: Stage0Config, *, train: bool = True) -> LossFn:
-    options = dict(prompt_loss=cfg.prompt_loss, dropout=train and cfg.dropout)
+    options = dict(
+        prompt_loss=cfg.prompt_loss,
+        dropout=train and cfg.dropout,
+        style_attribute_rate=cfg.style_attribute_rate if train else 0.0,
+    )
 
     def loss_fn(model: MuseCoco, batch: Any, rng: jax.Array):
         return lm_loss_fn(model, batch, rng, **options)
@@ -151,10 +176,39 @@ def build_lm_program(config: Config, mesh: Mesh) -> TrainProgram:
 
 
 # --- data ---------------------------------------------------------------------------------------
+class WithStyle(ModelFields):
+    """The step's fields plus ``style`` (B,) int32: the index of the example's song's manifest
+    ``style`` in ``styles`` (-1 when it has none or another)."""
+
+    def __init__(self, iterator: Any, keys: tuple[str, ...], style_of_example: np.ndarray):
+        super().__init__(iterator, keys)
+        self.style_of_example = style_of_example
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self.iterator)
+        fields = {k: batch[k] for k in self.keys}
+        fields["style"] = self.style_of_example[np.asarray(batch["example_id"])]
+        return fields
+
+
+def style_indices(pipe: Any, styles: tuple[str, ...]) -> np.ndarray:
+    """(examples,) int32: each example's song's style as its index in ``styles``, else -1."""
+    index = {name: k for k, name in enumerate(styles)}
+    songs = np.array([index.get(r.style, -1) for r in pipe.index.records], np.int32)
+    return songs[np.array([e.song_index for e in pipe.index.examples], np.int64)]
+
+
 def _data(config: Config, data: Any, *, train: bool, batches: int = 0):
+    stage0 = config.stage0
+
     def factory(process_index: int, process_count: int):
         pipe = make_pipeline(config, data, process_index, process_count, train=train, stage=STAGE)
-        iterator = ModelFields(pipe.iterator(), STAGE2_SYMBOLIC_KEYS)
+        if train and stage0.style_attribute_rate > 0:
+            iterator = WithStyle(
+                pipe.iterator(), STAGE2_SYMBOLIC_KEYS, style_indices(pipe, stage0.styles)
+            )
+        else:
+            iterator = ModelFields(pipe.iterator(), STAGE2_SYMBOLIC_KEYS)
         if train:
             return iterator
         return (next(iterator) for _ in range(min(batches, pipe.steps_per_epoch)))

@@ -133,3 +133,63 @@ def test_bad_input_is_one_line(tmp_path, args, says):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], result.stderr
     assert not (tmp_path / "run" / "stage0").exists()
+
+
+def test_style_attribute_names_the_style_in_its_genre_slot():
+    """Stage 0's style attribute (Stage0Config): a row with style k gets S4_<k>_0 at the prompt's
+    S4_<k>_2 slot and nothing else changes; unlabelled rows (-1) and rate 0 keep the prompt."""
+    import jax
+    import jax.numpy as jnp
+
+    from bossa_jax.symbolic import remi
+    from bossa_jax.train.lm import with_style_attribute
+
+    prompt = np.tile(remi.PROMPT_PREFIX_IDS, (3, 1))
+    assert remi.to_strings(prompt[0, remi.GENRE_POSITION + 4 : remi.GENRE_POSITION + 5]) == [
+        "S4_4_2"
+    ]
+    style = jnp.asarray([4, -1, 0])
+    named = np.asarray(with_style_attribute(jnp.asarray(prompt), style, jax.random.key(0), 0.999))
+    changed = np.argwhere(named != prompt)
+    assert changed.tolist() == [[0, remi.GENRE_POSITION + 4], [2, remi.GENRE_POSITION]]
+    assert remi.to_strings([named[0, remi.GENRE_POSITION + 4], named[2, remi.GENRE_POSITION]]) == [
+        "S4_4_0",
+        "S4_0_0",
+    ]
+    kept = with_style_attribute(jnp.asarray(prompt), style, jax.random.key(0), 0.0)
+    np.testing.assert_array_equal(np.asarray(kept), prompt)
+    # the rate is a share of the labelled rows
+    many = np.tile(remi.PROMPT_PREFIX_IDS, (400, 1))
+    out = with_style_attribute(jnp.asarray(many), jnp.full(400, 1), jax.random.key(1), 0.5)
+    slot = remi.GENRE_POSITION + 1
+    share = float(np.mean(np.asarray(out)[:, slot] != many[:, slot]))
+    assert 0.4 < share < 0.6
+
+
+def test_style_labels_reach_stage_0(tmp_path):
+    """The manifest's ``style`` reaches the song records and, through ``stage0.styles``, each
+    example's style index; an unknown or missing label is -1. Config rules: at most 22 styles,
+    and a rate needs the labels."""
+    from types import SimpleNamespace
+
+    from bossa_jax.config import load_config
+    from bossa_jax.data import readers
+    from bossa_jax.errors import ConfigError
+    from bossa_jax.train.lm import style_indices
+
+    line = {"arrangement": "a.mid", "leadsheet": "l.mid", "id": "s1", "style": "waltz"}
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps(line) + "\n" + json.dumps({**line, "id": "s2", "style": None}))
+    sources, _ = readers.manifest_sources(manifest)
+    assert [s.style for s in sources] == ["waltz", None]
+
+    records = [SimpleNamespace(style=s) for s in ("waltz", None, "jazz", "stride")]
+    examples = [SimpleNamespace(song_index=i) for i in (3, 0, 0, 1, 2)]
+    pipe = SimpleNamespace(index=SimpleNamespace(records=records, examples=examples))
+    styles = ("stride", "bossa", "waltz")
+    assert style_indices(pipe, styles).tolist() == [0, 2, 2, -1, -1]
+
+    with pytest.raises(ConfigError, match="stage0.styles"):
+        load_config("tiny", [f"stage0.styles=[{', '.join(f's{i}' for i in range(23))}]"])
+    with pytest.raises(ConfigError, match="stage0.style_attribute_rate"):
+        load_config("tiny", ["stage0.style_attribute_rate=0.5"])
