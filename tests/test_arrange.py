@@ -27,14 +27,10 @@ from bossa_jax.sampling import STOP_BARS, STOP_EOS, STOP_LENGTH, Samples
 from bossa_jax.symbolic import remi
 from bossa_jax.symbolic.leadsheet import read_leadsheet
 from bossa_jax.symbolic.notes import BAR, Song
+from tests.mel_config import mel_overrides
 
 N_MELS = 32  # = the tiny MusicGen's width: one model serves both front ends
-MEL = [
-    "audio.frontend=mel",
-    f"audio.n_mels={N_MELS}",
-    f"qformer.encoder_width={N_MELS}",
-    "data.audio_input=features",
-]
+MEL = mel_overrides(N_MELS)
 V = remi.VOCAB
 B1 = remi.BAR_END
 EOS = remi.EOS

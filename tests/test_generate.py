@@ -33,15 +33,11 @@ from bossa_jax.errors import BossaError, run_cli
 from bossa_jax.models.arranger import Stage2Model, save_stage2
 from bossa_jax.outputs import MARKER
 from bossa_jax.symbolic import remi
+from tests.mel_config import mel_overrides
 from tests.symbolic.conftest import build_score
 
 N_MELS = 16
-MEL = [
-    "audio.frontend=mel",
-    f"audio.n_mels={N_MELS}",
-    f"qformer.encoder_width={N_MELS}",
-    "data.audio_input=features",
-]
+MEL = mel_overrides(N_MELS)
 # a window needs at most 4 bars of BAR_CYCLE (24 tokens); the cap keeps a broken model fast
 FAST = ["arrange.max_new_tokens=32"]
 LEADSHEET_BARS = 16  # the demo lead sheet: 16 bars of 4/4

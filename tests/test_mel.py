@@ -16,15 +16,11 @@ from bossa_jax import audio, features, mel
 from bossa_jax.config import load_config
 from bossa_jax.data import style_corpus as sc
 from bossa_jax.errors import ConfigError
+from tests.mel_config import mel_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 N_MELS = 16
-MEL = [
-    "audio.frontend=mel",
-    f"audio.n_mels={N_MELS}",
-    f"qformer.encoder_width={N_MELS}",
-    "data.audio_input=features",
-]
+MEL = mel_overrides(N_MELS)
 
 
 @pytest.fixture(scope="module")
