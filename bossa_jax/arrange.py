@@ -80,6 +80,7 @@ from bossa_jax.sampling import (
     STOP_BARS,
     STOP_EOS,
     STOP_LENGTH,
+    MelodyLock,
     Sampler,
     SamplingSettings,
 )
@@ -103,6 +104,7 @@ from bossa_jax.symbolic.notes import (
 )
 
 WINDOW_BARS = 4
+PIANO_INSTRUMENT = 0  # i-0: the arrangement's piano (MIDI program 0)
 HOP_BARS = 2
 OFFICIAL_BAR_LIMIT = 4
 BAR_END = remi.BAR_END
@@ -373,6 +375,7 @@ class PreparedSong:
     prompts: list[np.ndarray]  # each window's lead-sheet prompt
     clips: list[tuple[int, int]]  # each window's (first frame, valid frames)
     seconds: float = 0.0
+    melody: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
 
 
 def _padded_batch(n: int, multiple: int) -> int:
@@ -514,15 +517,16 @@ class Arranger:
         n_bars = last - first
         windows = plan_windows(n_bars)
         track = self._load_audio(song)
-        prompts, clips = [], []
+        prompts, clips, melody = [], [], []
         for start, end in windows:
             prompts.append(remi.prompt(ls.leadsheet.bars(first + start, first + end)))
+            melody.append(remi.melody_table(ls.leadsheet, first + start, WINDOW_BARS))
             t0 = downbeat_time(ls.downbeat_times, first + start)
             t1 = downbeat_time(ls.downbeat_times, first + end)
             centre = int(round(((t0 + t1) * audio.FRAME_RATE) // 2))
             clips.append(audio.clip_placement(centre, track.frames, self.config.audio.clip_frames))
         seconds = time.perf_counter() - started
-        return PreparedSong(song, first, n_bars, windows, track, prompts, clips, seconds)
+        return PreparedSong(song, first, n_bars, windows, track, prompts, clips, seconds, melody)
 
     def _load_audio(self, song: SongRequest) -> SongAudio:
         rate = self.config.encodec.sampling_rate
@@ -624,6 +628,15 @@ class Arranger:
                 prompts.append(prompt)
                 limits.append(max(limit, 1))
                 max_new.append(max(cap, 0) if limit > 0 else 0)
+            lock = None
+            if opts.melody_lock:
+                lock = MelodyLock(
+                    pitch=np.stack([songs[i].melody[k][0] for i in active]),
+                    duration=np.stack([songs[i].melody[k][1] for i in active]),
+                    first_bar=np.array([complete_bars(carries[i]) for i in active]),
+                    onset_id=remi.OFFSET["o"],
+                    instrument_id=remi.OFFSET["i"] + PIANO_INSTRUMENT,
+                )
             # padding rows: a one-token prompt that samples nothing
             pad_rows = batch - len(active)
             prompts += [prompts[0][:1]] * pad_rows
@@ -650,6 +663,7 @@ class Arranger:
                     prefix_embeddings=prefix,
                     position_start=POSITION_START,
                     bar_limit=limits,
+                    melody_lock=lock,
                 )
             share = (time.perf_counter() - started) / len(active)
             for row, i in enumerate(active):

@@ -606,6 +606,11 @@ class ArrangeConfig(Section):
     ours stops each window at the end of its lead sheet. ``official_carry`` True: the stopping
     ``b-1`` is not kept and the carried bars are the official slice, whose fallback end index drops
     the last generated token (SPEC 10.19); ours keeps complete bars.
+
+    ``melody_lock`` (ours, off by default and in the official code): the sampler places every
+    lead-sheet melody note itself (pitch, onset and duration, :class:`bossa_jax.sampling.
+    MelodyLock`) and the model draws everything else; for models that do not copy the melody
+    reliably (BOSSA-mini). Melody preservation is then 1 by construction, not a model figure.
     """
 
     top_k: int = option(15, POSITIVE)
@@ -616,6 +621,7 @@ class ArrangeConfig(Section):
     pedal: bool = option(False, official=True)
     official_overrun: bool = option(False, official=True)
     official_carry: bool = option(False, official=True)
+    melody_lock: bool = False
     encodec_checkpoint: str = ""
     chunk_seconds: float = option(30.0, POSITIVE)
 

@@ -26,6 +26,12 @@ the whole causal linear-attention product at every step (SPEC 4.5 "KV cache"). H
 * the batch axis of every array in the carry is constrained to the ``batch`` rule
   (:func:`bossa_jax.sharding.constrain`), the decode state also by heads, as the model is sharded.
 
+Optional, ours (not in the official code): a :class:`MelodyLock` keeps the lead sheet's melody.
+When the sampler reaches a lead-sheet melody onset of the bar it is in, the piano instrument, the
+melody pitch and its duration are forced; a draw that would pass the bar's next melody onset (a
+later onset, ``b-1`` or ``</s>``) becomes that onset. Everything else (the accompaniment,
+velocities, every other onset) is still drawn from the model.
+
 One deliberate difference: the padding id (``<pad>``) is never drawn: it has no position and is
 masked as a key, so a sequence cannot continue from it (a trained model gives it ~0 probability).
 """
@@ -120,6 +126,96 @@ def step_keys(keys: jax.Array, step: jax.Array) -> jax.Array:
     return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
 
 
+@dataclasses.dataclass(frozen=True)
+class MelodyLock:
+    """Per-row melody tables for the lock (see the module docstring); built by
+    :func:`bossa_jax.symbolic.remi.melody_table` (one window each).
+
+    ``pitch`` / ``duration`` (B, bars, onsets) int32: the token id of the melody note's pitch and
+    duration at (bar, onset position), -1 where the lead sheet has none; bar 0 is the window's
+    first bar. ``first_bar`` (B,): the bar the first sampled token is in (the bars the prompt
+    already carries). ``onset_id`` / ``instrument_id``: the ids of ``o-0`` and of the piano
+    instrument ``i-0`` (static).
+    """
+
+    pitch: np.ndarray
+    duration: np.ndarray
+    first_bar: np.ndarray
+    onset_id: int
+    instrument_id: int
+
+    def padded(self, batch: int) -> MelodyLock:
+        """Rows added (no melody) up to ``batch``."""
+        extra = batch - self.pitch.shape[0]
+        if extra < 0:
+            raise ValueError(f"melody lock has {self.pitch.shape[0]} rows for a batch of {batch}")
+        none = np.full((extra, *self.pitch.shape[1:]), -1, np.int32)
+        return dataclasses.replace(
+            self,
+            pitch=np.concatenate([self.pitch, none]).astype(np.int32),
+            duration=np.concatenate([self.duration, none]).astype(np.int32),
+            first_bar=np.concatenate([self.first_bar, np.zeros(extra)]).astype(np.int32),
+        )
+
+
+def _lock_mask(
+    lock: dict[str, jax.Array], carry: dict[str, jax.Array], logits: jax.Array, ids: tuple
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The melody lock before a draw: (logits (B, vocab) with the forced id alone where the lock
+    forces one, whether it forces a melody pitch (B,), the next melody onset to place (B,), or
+    -1 when the bar has none left)."""
+    onset_id, instrument_id, _, _ = ids
+    n_bars, n_onsets = lock["pitch"].shape[1:]
+    bar = lock["first_bar"] + carry["bars"]
+    index = jnp.clip(bar, 0, n_bars - 1)[:, None, None]
+    row = jnp.take_along_axis(lock["pitch"], index, 1)[:, 0]
+    durations = jnp.take_along_axis(lock["duration"], index, 1)[:, 0]
+    positions = jnp.arange(n_onsets)[None]
+    pending = (row >= 0) & (positions > carry["lock_done"][:, None]) & (bar < n_bars)[:, None]
+    next_onset = jnp.where(pending.any(-1), jnp.argmax(pending, -1), -1)
+    prev = carry["lock_prev"]
+    at_melody = (next_onset >= 0) & (carry["lock_onset"] == next_onset)
+    force_instrument = at_melody & (prev >= onset_id) & (prev < onset_id + n_onsets)
+    force_pitch = at_melody & (prev == instrument_id)
+    onset = carry["lock_onset"][:, None].clip(0)
+    forced_id = jnp.where(
+        force_instrument,
+        instrument_id,
+        jnp.take_along_axis(jnp.where(force_pitch[:, None], row, durations), onset, 1)[:, 0],
+    )
+    force = force_instrument | force_pitch | carry["lock_forced_pitch"]
+    vocab = jnp.arange(logits.shape[-1])[None]
+    only = jnp.where(vocab == forced_id[:, None], logits, -jnp.inf)
+    return jnp.where(force[:, None], only, logits), force_pitch, next_onset
+
+
+def _lock_redirect(token: jax.Array, next_onset: jax.Array, ids: tuple, n: int) -> jax.Array:
+    """A draw that would pass the next melody onset of the bar (a later onset, ``b-1`` or
+    ``</s>``) becomes that onset."""
+    onset_id, _, eos_id, bar_id = ids
+    later = (token > onset_id + next_onset) & (token < onset_id + n)
+    skips = (next_onset >= 0) & (later | (token == bar_id) | (token == eos_id))
+    return jnp.where(skips, onset_id + next_onset, token)
+
+
+def _lock_update(
+    carry: dict[str, jax.Array], token: jax.Array, forced_pitch: jax.Array, ids: tuple, n: int
+) -> dict[str, jax.Array]:
+    """The lock's state after ``token``: the current onset, the last melody onset placed in this
+    bar, the previous token and whether it was a forced melody pitch."""
+    onset_id, _, _, bar_id = ids
+    is_onset = (token >= onset_id) & (token < onset_id + n)
+    new_bar = token == bar_id
+    onset = jnp.where(is_onset, token - onset_id, jnp.where(new_bar, -1, carry["lock_onset"]))
+    done = jnp.where(forced_pitch, carry["lock_onset"], carry["lock_done"])
+    return dict(
+        lock_onset=onset,
+        lock_done=jnp.where(new_bar, -1, done),
+        lock_prev=token,
+        lock_forced_pitch=forced_pitch,
+    )
+
+
 def _constrain_state(states: list[LinearAttentionState]) -> list[LinearAttentionState]:
     """Each layer's decode state sharded by batch and heads."""
     return [
@@ -158,6 +254,7 @@ def prompt_logits_and_state(
         "bar_id",
         "pad_id",
         "keep_logits",
+        "lock_ids",
     ),
 )
 def _sample(
@@ -176,6 +273,7 @@ def _sample(
     top_p: jax.Array,
     position_start: jax.Array,
     forced: jax.Array | None,
+    lock: dict[str, jax.Array] | None,
     *,
     top_k: int,
     capacity: int,
@@ -183,12 +281,14 @@ def _sample(
     bar_id: int,
     pad_id: int,
     keep_logits: bool,
+    lock_ids: tuple[int, int] | None = None,
 ) -> dict[str, jax.Array]:
     """Prompt + while loop, compiled once per (graphdef, batch, buckets, static settings).
     ``layer_graphdef`` / ``layer_params``: the model's :meth:`~MuseCoco.decoding_layers`, split.
 
     ``forced`` (B, capacity): teacher forcing (tokens used instead of draws, stop rules still
     applied); ``keep_logits``: also return the logits each step drew from (B, capacity, vocab).
+    ``lock``: a :class:`MelodyLock`'s arrays (``lock_ids``: its static ids).
     """
     model = nnx.merge(graphdef, params)
     layers = [nnx.merge(layer_graphdef, layer) for layer in layer_params]
@@ -213,6 +313,15 @@ def _sample(
     )
     if keep_logits:
         carry["step_logits"] = jnp.zeros((batch, capacity, logits.shape[-1]), jnp.float32)
+    if lock is not None:
+        ids = (*lock_ids, eos_id, bar_id)
+        n_onsets = lock["pitch"].shape[2]
+        carry.update(
+            lock_onset=jnp.full(batch, -1, jnp.int32),
+            lock_done=jnp.full(batch, -1, jnp.int32),
+            lock_prev=jnp.full(batch, -1, jnp.int32),
+            lock_forced_pitch=jnp.zeros(batch, bool),
+        )
 
     def cond(c: dict[str, jax.Array]) -> jax.Array:
         return (c["step"] < capacity) & ~jnp.all(c["done"])
@@ -220,8 +329,12 @@ def _sample(
     def body(c: dict[str, jax.Array]) -> dict[str, jax.Array]:
         step, done = c["step"], c["done"]
         logits = c["logits"] + vocab_ban
+        if lock is not None:
+            logits, forced_pitch, next_onset = _lock_mask(lock, c, logits, ids)
         if forced is None:
             token = draw(step_keys(keys, step), logits, top_k, temperature, top_p)
+            if lock is not None:
+                token = _lock_redirect(token, next_onset, ids, n_onsets)
         else:
             token = forced[:, step]
         is_eos = token == eos_id if eos_id >= 0 else jnp.zeros_like(done)
@@ -248,6 +361,8 @@ def _sample(
         )
         if keep_logits:
             out["step_logits"] = c["step_logits"].at[:, step].set(c["logits"])
+        if lock is not None:
+            out.update(_lock_update(c, token, forced_pitch & ~done, ids, n_onsets))
         return out
 
     carry = jax.lax.while_loop(cond, body, carry)
@@ -331,6 +446,7 @@ class Sampler:
         bar_limit: int | Sequence[int] | None = -1,
         forced_tokens: np.ndarray | None = None,
         keep_logits: bool = False,
+        melody_lock: MelodyLock | None = None,
     ) -> Samples:
         """``max_new_tokens`` default: the official cap, 2048 - prompt length per sequence;
         ``bar_limit`` default: the settings' (-1), None: no limit; ``sequence_ids`` default
@@ -357,6 +473,15 @@ class Sampler:
             forced[:, : forced_tokens.shape[1]] = forced_tokens[:, :capacity]
             forced_tokens = forced
         ids = np.arange(batch) if sequence_ids is None else np.asarray(sequence_ids)
+        lock = lock_ids = None
+        if melody_lock is not None:
+            melody_lock = melody_lock.padded(batch)
+            lock = {
+                "pitch": melody_lock.pitch.astype(np.int32),
+                "duration": melody_lock.duration.astype(np.int32),
+                "first_bar": melody_lock.first_bar.astype(np.int32),
+            }
+            lock_ids = (melody_lock.onset_id, melody_lock.instrument_id)
         out = _sample(
             self.graphdef,
             self.params,
@@ -373,12 +498,14 @@ class Sampler:
             np.float32(s.top_p),
             np.int32(position_start),
             forced_tokens,
+            lock,
             top_k=s.top_k,
             capacity=capacity,
             eos_id=-1 if s.eos_id is None else s.eos_id,
             bar_id=-1 if s.bar_id is None else s.bar_id,
             pad_id=cfg.padding_idx,
             keep_logits=keep_logits,
+            lock_ids=lock_ids,
         )
         out = jax.device_get(out)
         return Samples(

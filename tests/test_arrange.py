@@ -93,6 +93,7 @@ class ScriptedSampler:
                 ids=list(sequence_ids),
                 prefix=kw["prefix_embeddings"],
                 position_start=kw["position_start"],
+                melody_lock=kw.get("melody_lock"),
             )
         )
         rows, counts, reasons = [], [], []
@@ -199,6 +200,25 @@ def test_default_windows_stop_at_their_lead_sheet_and_keep_complete_bars(
     assert piece.generated_tokens == 4 * 8 + 6 * 2 * 8  # 8 tokens a bar, stopping b-1 included
     pitches = [n.pitch for n in piece.score.tracks[0].notes]
     assert pitches == [40, 41, 42, 43] + [40 + 10 * w + j for w in range(1, 7) for j in (0, 1)]
+
+
+def test_melody_lock_gets_each_windows_melody_and_its_first_sampled_bar(
+    model, leadsheet, reference
+):
+    plain = scripted(model)
+    plain([SongRequest("demo", leadsheet, reference, bars=(0, 8))])
+    assert plain.sampler.calls and all(c["melody_lock"] is None for c in plain.sampler.calls)
+    arranger = scripted(model, "arrange.melody_lock=true")
+    arranger([SongRequest("demo", leadsheet, reference, bars=(1, 9))])
+    calls = arranger.sampler.calls
+    assert len(calls) == 3
+    for k, call in enumerate(calls):  # windows at bars 1+0, 1+2, 1+4 of the lead sheet
+        lock = call["melody_lock"]
+        pitch, duration = remi.melody_table(leadsheet.leadsheet, 1 + 2 * k, 4)
+        np.testing.assert_array_equal(lock.pitch, pitch[None])
+        np.testing.assert_array_equal(lock.duration, duration[None])
+        assert lock.first_bar.tolist() == [0 if k == 0 else 2]  # the carried bars come first
+        assert (pitch >= 0).sum() > 0
 
 
 def test_odd_bar_counts_end_at_the_requested_bar(model, leadsheet, reference):

@@ -27,6 +27,7 @@ from bossa_jax.sampling import (
     Sampler,
     SamplingSettings,
 )
+from bossa_jax.symbolic import remi
 
 CFG = load_config("configs/tiny.yaml").musecoco  # 64 wide, 3 heads, 2 layers, fp32
 PAD = CFG.padding_idx
@@ -236,3 +237,95 @@ def test_bucket_lengths():
         256,
         1024,
     ]
+
+
+# --- the melody lock (ours, arrange.melody_lock) ----------------------------------------------
+def scripted_preference(prev: str, onset: int) -> str:
+    """A stand-in model that plays only its own accompaniment: p-48 at onsets 0 and 24 of every
+    bar, never a melody note."""
+    if prev in ("", "b-1"):
+        return "s-9"
+    if prev.startswith("s-"):
+        return "t-36"
+    if prev.startswith(("t-", "v-")):
+        later = [o for o in (0, 24) if o > onset]
+        return f"o-{later[0]}" if later else "b-1"
+    return {"o": "i-0", "i": "p-48", "p": "d-5", "d": "v-20"}[prev.split("-")[0]]
+
+
+def test_melody_lock_places_every_melody_note_and_leaves_the_rest_to_the_model():
+    vocab = remi.VOCAB
+    rows = [  # (bar, position, instrument, pitch, duration); bars 3.. of a longer lead sheet
+        (3, 0, 0, 72, 11), (3, 12, 0, 60, 5), (3, 12, 0, 74, 5), (3, 36, 0, 76, 5),
+        (3, 0, 4, 52, 27), (4, 6, 0, 70, 5), (9, 0, 0, 65, 5),
+    ]  # fmt: skip
+    events = np.array([(*r, 20, 9, 36) for r in rows], np.int64)
+    pitch, duration = remi.melody_table(events, 3, 4)
+    assert pitch.shape == (4, remi.SIZE["o"]) and (pitch >= 0).sum() == 4  # the chord is no melody
+    assert pitch[0, 12] == vocab["p-74"] and duration[1, 6] == vocab["d-5"]  # the highest kept
+    lock = {"pitch": jnp.asarray(pitch[None]), "duration": jnp.asarray(duration[None])}
+    lock["first_bar"] = jnp.zeros(1, jnp.int32)
+    ids = (remi.OFFSET["o"], remi.OFFSET["i"], EOS_ID, BAR_ID)
+    carry = dict(
+        bars=jnp.zeros(1, jnp.int32), lock_onset=jnp.full(1, -1), lock_done=jnp.full(1, -1),
+        lock_prev=jnp.full(1, -1), lock_forced_pitch=jnp.zeros(1, bool),
+    )  # fmt: skip
+    onsets = np.arange(remi.SIZE["o"])
+    stream, onset = [], -1
+    while stream.count("b-1") < 2 and len(stream) < 200:
+        logits = np.zeros(remi.VOCAB_SIZE, np.float32)
+        logits[vocab[scripted_preference(stream[-1] if stream else "", onset)]] = 10.0
+        masked, forced_pitch, next_onset = sampling._lock_mask(
+            lock, carry, jnp.asarray(logits)[None], ids
+        )
+        token = sampling._lock_redirect(jnp.argmax(masked, -1), next_onset, ids, len(onsets))
+        token = int(token[0])
+        text = remi.TOKENS[token]
+        onset = int(text[2:]) if text.startswith("o-") else (-1 if text == "b-1" else onset)
+        stream.append(text)
+        carry.update(
+            sampling._lock_update(carry, jnp.array([token]), forced_pitch, ids, len(onsets))
+        )
+        carry["bars"] = carry["bars"] + (token == BAR_ID)
+    notes = {tuple(r) for r in remi.decode(stream)[0][:, [0, 1, 3, 4]].tolist()}
+    melody = {(0, 0, 72, 11), (0, 12, 74, 5), (0, 36, 76, 5), (1, 6, 70, 5)}
+    assert melody <= notes  # every melody note at its bar, onset, pitch and duration
+    assert {(0, 24, 48, 5), (1, 0, 48, 5), (1, 24, 48, 5)} <= notes  # the model's own notes
+    assert len(notes) == 7 and stream.count("b-1") == 2
+
+
+def test_melody_lock_in_the_compiled_sampler_per_row_and_on_eight_devices(model):
+    vocab = remi.VOCAB
+    pitch = np.full((3, 2, remi.SIZE["o"]), -1, np.int32)
+    duration = np.full_like(pitch, -1)
+    pitch[:, 0, [0, 12]] = vocab["p-60"], vocab["p-64"]  # rows 0-2: bar 0, onsets 0 and 12
+    duration[:, 0, [0, 12]] = vocab["d-5"]
+    pitch[2] = -1  # row 2: no melody
+    first_bar = np.array([0, 1, 0])  # row 1 starts in bar 1, past its melody
+
+    def lock(rows):
+        return sampling.MelodyLock(
+            pitch[rows], duration[rows], first_bar[rows], remi.OFFSET["o"], remi.OFFSET["i"]
+        )
+
+    settings = SamplingSettings(bar_limit=None)
+    ps = prompts((4, 6, 5), seed=5)
+    locked = Sampler(model, settings)(ps, max_new_tokens=200, seed=2, melody_lock=lock([0, 1, 2]))
+    free = Sampler(model, settings)(ps, max_new_tokens=200, seed=2)
+    text = " ".join(remi.to_strings(locked.new_tokens(0)))
+    first_bar_text = text.split("b-1")[0]
+    assert "o-0 i-0 p-60 d-5" in first_bar_text and "o-12 i-0 p-64 d-5" in first_bar_text
+    for row in (1, 2):  # nothing to place: the model's own tokens
+        np.testing.assert_array_equal(locked.new_tokens(row), free.new_tokens(row))
+    alone = Sampler(model, settings)(
+        [ps[0]], max_new_tokens=200, seed=2, sequence_ids=[0], melody_lock=lock([0])
+    )
+    np.testing.assert_array_equal(alone.new_tokens(0), locked.new_tokens(0))
+    cfg = load_config(None)
+    mesh = sharding.make_mesh(cfg.mesh)
+    with sharding.use_mesh(mesh, sharding.rules_of(cfg.mesh)):
+        sharded = Sampler(model, settings, mesh=mesh)(
+            (ps * 3)[:8], max_new_tokens=200, seed=2, sequence_ids=[0, 1, 2] * 2 + [0, 1],
+            melody_lock=lock([0, 1, 2, 0, 1, 2, 0, 1]),
+        )  # fmt: skip
+    np.testing.assert_array_equal(sharded.generated[:3], locked.generated)

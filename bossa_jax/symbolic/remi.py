@@ -37,7 +37,10 @@ from bossa_jax.symbolic.notes import (
     BAR,
     CHORD_INSTRUMENT,
     DRUM_INSTRUMENT,
+    DURATION,
     INSTRUMENT,
+    MELODY_INSTRUMENT,
+    PITCH,
     POSITION,
     TICKS_PER_BEAT,
     NoteTable,
@@ -126,6 +129,25 @@ def encode(notes: NoteTable | np.ndarray, *, redact: bool = False) -> np.ndarray
     keep = np.stack([new_bar, new_bar, new_bar, new_onset, new_inst, always, always, always], 1)
     ids = cand[keep]
     return np.concatenate([ids[1:], ids[:1]])  # the first b-1 becomes the final bar end
+
+
+def melody_table(
+    leadsheet: NoteTable | np.ndarray, first_bar: int, n_bars: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The melody of lead-sheet bars ``first_bar .. first_bar + n_bars - 1`` as token-id tables for
+    the sampler's melody lock (:class:`bossa_jax.sampling.MelodyLock`): pitch and duration ids
+    (n_bars, onsets) int32 at (bar - first_bar, onset position), -1 where no melody note starts;
+    of notes on one onset the highest is kept (the writer puts it first)."""
+    e = _events(leadsheet)
+    e = e[(e[:, INSTRUMENT] == MELODY_INSTRUMENT) & (e[:, BAR] >= first_bar)]
+    e = e[e[:, BAR] < first_bar + n_bars]
+    pitch = np.full((n_bars, SIZE["o"]), -1, np.int32)
+    duration = np.full((n_bars, SIZE["o"]), -1, np.int32)
+    for row in e[np.argsort(e[:, PITCH], kind="stable")]:  # ascending: the highest is written last
+        bar, pos = row[BAR] - first_bar, row[POSITION]
+        pitch[bar, pos] = OFFSET["p"] + row[PITCH]
+        duration[bar, pos] = OFFSET["d"] + row[DURATION]
+    return pitch, duration
 
 
 def to_strings(ids: Sequence[int] | np.ndarray) -> list[str]:
