@@ -42,6 +42,7 @@ the demo model builds a random tiny stage-2 model: its figures only show that th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -50,7 +51,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,9 @@ GOALS = {
     "melody_synthetic": 0.90,
     "melody_real": 0.80,
 }
+# kept by --update with the sections: what the arranging sections ran with, and their figures
+# for the model alone when the config places the melody (arrange.melody_lock)
+EXTRA_KEYS = ("model", "corpus", "melody_lock", "style_model_alone", "real_model_alone")
 MEL_N = 64  # mel bands when a config without the mel front end is switched to it
 
 
@@ -319,6 +323,17 @@ def load_arranger(args: argparse.Namespace, budget: Budget, work: Path):
     if overrides:
         config = with_overrides(config, overrides)
     return Arranger.from_checkpoint(checkpoint, config), str(checkpoint)
+
+
+@contextlib.contextmanager
+def model_alone(arranger: Any) -> Iterator[Any]:
+    """The arranger with ``arrange.melody_lock`` off: every token drawn by the model."""
+    saved = arranger.options
+    arranger.options = dataclasses.replace(saved, melody_lock=False)
+    try:
+        yield arranger
+    finally:
+        arranger.options = saved
 
 
 def arrangement_events(arrangement: Any) -> np.ndarray:
@@ -623,6 +638,29 @@ def goal(value: float, target: float) -> str:
     return "met" if value >= target else "missed"
 
 
+def style_rows(v: dict[str, Any], tag: str, lock: bool) -> list[str]:
+    """Melody preservation (a goal for the model alone; 1 by construction under the lock) and the
+    chord-tone fraction of synthetic held-out arrangements."""
+    target = "(placed by the lock)" if lock else ">= 0.90"
+    verdict = "" if lock else goal(v["melody_preservation"], 0.9)
+    return [
+        f"| melody preservation, synthetic held-out{tag} | {fmt(v['melody_preservation'])} | "
+        f"{target} | {verdict} |",
+        f"| chord-tone fraction of the accompaniment, synthetic{tag} | "
+        f"{fmt(v['chord_tone_fraction'])} | | |",
+    ]
+
+
+def real_rows(e: dict[str, Any], tag: str, lock: bool) -> list[str]:
+    target = "(placed by the lock)" if lock else ">= 0.80"
+    verdict = "" if lock else goal(e["melody_preservation"], 0.8)
+    return [
+        f"| real lead sheets: melody preservation{tag} | {fmt(e['melody_preservation'])} | "
+        f"{target} | {verdict} |",
+        f"| real: chord-tone fraction{tag} | {fmt(e['chord_tone_fraction'])} | | |",
+    ]
+
+
 def table(report: dict[str, Any]) -> str:
     rows = ["| figure | value | goal | |", "| --- | --- | --- | --- |"]
     c = report.get("classifier")
@@ -647,52 +685,54 @@ def table(report: dict[str, Any]) -> str:
                 f"| C+M+G not worse than C (Acc@1) | {fmt(full['acc@1']['mean'])} vs "
                 f"{fmt(c_only['acc@1']['mean'])} | | {'met' if ok else 'missed'} |"
             )
+    lock = bool(report.get("melody_lock"))
+    tag = ", melody lock" if lock else ""
     s = report.get("style")
     if s:
         for part in ("paired", "unpaired", "all"):
             v = s[part]
             rows.append(
-                f"| style accuracy, {part} (meter-compatible, n={v['style_accuracy_items']}"
-                f") | {fmt(v['style_accuracy'])} | >= 0.80 (chance {fmt(s['chance'])}) | "
-                f"{goal(v['style_accuracy'], 0.8)} |"
+                f"| style accuracy{tag}, {part} (meter-compatible, n="
+                f"{v['style_accuracy_items']}) | {fmt(v['style_accuracy'])} | >= 0.80 (chance "
+                f"{fmt(s['chance'])}) | {goal(v['style_accuracy'], 0.8)} |"
             )
+        rows += style_rows(s["all"], tag, lock)
+    s = report.get("style_model_alone")
+    if s:
         v = s["all"]
         rows.append(
-            f"| melody preservation, synthetic held-out | {fmt(v['melody_preservation'])}"
-            f" | >= 0.90 | {goal(v['melody_preservation'], 0.9)} |"
+            f"| style accuracy, model alone, all (meter-compatible, n="
+            f"{v['style_accuracy_items']}) | {fmt(v['style_accuracy'])} | >= 0.80 | "
+            f"{goal(v['style_accuracy'], 0.8)} |"
         )
-        rows.append(
-            f"| chord-tone fraction of the accompaniment, synthetic | "
-            f"{fmt(v['chord_tone_fraction'])} | | |"
-        )
+        rows += style_rows(v, ", model alone", False)
     k = report.get("control")
     if k:
         rows.append(
-            f"| control, silent queries: style accuracy | "
+            f"| control, silent queries: style accuracy{tag} | "
             f"{fmt(k['silent']['style_accuracy'])} | falls towards chance | |"
         )
         rows.append(
-            f"| control, shuffled queries: accuracy vs own / vs given reference | "
+            f"| control, shuffled queries{tag}: accuracy vs own / vs given reference | "
             f"{fmt(k['shuffled']['style_accuracy'])} / "
             f"{fmt(k['shuffled']['follows_given_queries'])} | falls / stays | |"
         )
     e = report.get("real")
     if e:
+        rows += real_rows(e, tag, lock)
         rows.append(
-            f"| real lead sheets: melody preservation | {fmt(e['melody_preservation'])} | "
-            f">= 0.80 | {goal(e['melody_preservation'], 0.8)} |"
-        )
-        rows.append(f"| real: chord-tone fraction | {fmt(e['chord_tone_fraction'])} | | |")
-        rows.append(
-            f"| real: texture follows the recording (meter-compatible, n="
+            f"| real: texture follows the recording{tag} (meter-compatible, n="
             f"{e['style_accuracy_items']}) | {fmt(e['style_follows_recording'])} | | |"
         )
         for metric, d in e["distances"].items():
             rows.append(
-                f"| real: {metric} distance between recordings / between seeds | "
+                f"| real: {metric} distance between recordings / between seeds{tag} | "
                 f"{fmt(d['between_recordings'])} / {fmt(d['between_seeds'])} "
                 f"(ratio {fmt(d['ratio'], 2)}) | ratio > 1 | |"
             )
+    e = report.get("real_model_alone")
+    if e:
+        rows += real_rows(e, ", model alone", False)
     return "\n".join(rows)
 
 
@@ -833,6 +873,7 @@ def main(argv: Sequence[str]) -> int:
         section = stopwatch()
         arranger, source = load_arranger(args, budget, work)
         report["model"] = source
+        report["melody_lock"] = arranger.options.melody_lock
         seconds["load_model"] = section()
         if {"style", "control"} & set(args.only):
             requests, items = style_requests(corpus_dir, budget)
@@ -841,6 +882,13 @@ def main(argv: Sequence[str]) -> int:
                 report["style"], _ = style_section(arranger, requests, items, args.seed)
                 seconds["style"] = section()
                 log.info("style accuracy %s", fmt(report["style"]["all"]["style_accuracy"]))
+                if report["melody_lock"]:
+                    section = stopwatch()
+                    with model_alone(arranger):
+                        report["style_model_alone"], _ = style_section(
+                            arranger, requests, items, args.seed
+                        )
+                    seconds["style_model_alone"] = section()
             if "control" in args.only:
                 section = stopwatch()
                 report["control"] = control_section(arranger, requests, items, args.seed)
@@ -849,11 +897,16 @@ def main(argv: Sequence[str]) -> int:
             section = stopwatch()
             report["real"] = real_section(arranger, budget, work, args.seed)
             seconds["real"] = section()
+            if report["melody_lock"]:
+                section = stopwatch()
+                with model_alone(arranger):
+                    report["real_model_alone"] = real_section(arranger, budget, work, args.seed)
+                seconds["real_model_alone"] = section()
     seconds["total"] = clock()
     report["seconds"] = seconds
     if args.update and out.is_file():  # earlier runs' sections, with their own settings
         previous = json.loads(out.read_text())
-        kept = {k: previous[k] for k in (*SECTIONS, "model", "corpus") if k in previous}
+        kept = {k: previous[k] for k in (*SECTIONS, *EXTRA_KEYS) if k in previous}
         if "retrieval" in kept and "retrieval" in report:  # ablations not redone are kept
             done = report["retrieval"]["ablations"]
             earlier = kept["retrieval"]["ablations"]

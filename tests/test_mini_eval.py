@@ -215,3 +215,23 @@ def test_mini_eval_style_and_control_sections_with_a_scripted_arranger(tmp_path)
     table = mini_eval.table({"style": style, "control": control})
     assert "| style accuracy, paired (meter-compatible, n=6) | 1.000 |" in table
     json.dumps(mini_eval.clean({"style": style, "control": control}))  # JSON-safe
+    locked = mini_eval.table({"style": style, "melody_lock": True, "style_model_alone": style})
+    assert "| style accuracy, melody lock, paired (meter-compatible, n=6) | 1.000 |" in locked
+    assert "| melody preservation, synthetic held-out, melody lock | 1.000 | (placed by" in locked
+    alone = "| melody preservation, synthetic held-out, model alone | 1.000 | >= 0.90 | met |"
+    assert alone in locked
+
+
+def test_model_alone_turns_the_melody_lock_off_for_its_block():
+    import sys
+    from types import SimpleNamespace
+
+    from bossa_jax.config import ArrangeConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import mini_eval
+
+    arranger = SimpleNamespace(options=ArrangeConfig(melody_lock=True))
+    with mini_eval.model_alone(arranger):
+        assert arranger.options.melody_lock is False
+    assert arranger.options.melody_lock is True
