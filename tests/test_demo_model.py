@@ -61,3 +61,18 @@ def test_loads_and_samples_in_the_style_of_the_demo_clip():
         seed=0,
     )  # fmt: skip
     np.testing.assert_array_equal(again.new_tokens(0), tokens)  # deterministic for a seed
+
+
+def test_arranges_the_demo_with_the_melody_placed_and_the_rest_drawn():
+    from bossa_jax.arrange import Arranger, SongRequest
+    from bossa_jax.evaluate_style import melody_of, melody_preservation
+
+    config = load_run_config(DEMO_MODEL)
+    assert config.arrange.melody_lock  # the BOSSA-mini config places the melody
+    song = read_leadsheet(DEMO_LEADSHEET)
+    arranger = Arranger.from_checkpoint(DEMO_MODEL, config)
+    (piece,) = arranger([SongRequest("demo", song, str(DEMO_STYLE), bars=(0, 4))], seed=0)
+    events = remi.decode(piece.tokens)[0]
+    lead = song.leadsheet.bars(0, 4).events
+    assert piece.bars == 4 and melody_preservation(events, lead) == 1.0
+    assert len(events) >= 2 * len(melody_of(lead))  # and an accompaniment the model drew
