@@ -158,6 +158,10 @@ class MelodyLock:
         )
 
 
+def _is_onset(token: jax.Array, onset_id: int, n_onsets: int) -> jax.Array:
+    return (token >= onset_id) & (token < onset_id + n_onsets)
+
+
 def _lock_mask(
     lock: dict[str, jax.Array], carry: dict[str, jax.Array], logits: jax.Array, ids: tuple
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -175,7 +179,7 @@ def _lock_mask(
     next_onset = jnp.where(pending.any(-1), jnp.argmax(pending, -1), -1)
     prev = carry["lock_prev"]
     at_melody = (next_onset >= 0) & (carry["lock_onset"] == next_onset)
-    force_instrument = at_melody & (prev >= onset_id) & (prev < onset_id + n_onsets)
+    force_instrument = at_melody & _is_onset(prev, onset_id, n_onsets)
     force_pitch = at_melody & (prev == instrument_id)
     onset = carry["lock_onset"][:, None].clip(0)
     forced_id = jnp.where(
@@ -193,7 +197,7 @@ def _lock_redirect(token: jax.Array, next_onset: jax.Array, ids: tuple, n: int) 
     """A draw that would pass the next melody onset of the bar (a later onset, ``b-1`` or
     ``</s>``) becomes that onset."""
     onset_id, _, eos_id, bar_id = ids
-    later = (token > onset_id + next_onset) & (token < onset_id + n)
+    later = _is_onset(token, onset_id, n) & (token > onset_id + next_onset)
     skips = (next_onset >= 0) & (later | (token == bar_id) | (token == eos_id))
     return jnp.where(skips, onset_id + next_onset, token)
 
@@ -204,8 +208,8 @@ def _lock_update(
     """The lock's state after ``token``: the current onset, the last melody onset placed in this
     bar, the previous token and whether it was a forced melody pitch."""
     onset_id, _, _, bar_id = ids
-    is_onset = (token >= onset_id) & (token < onset_id + n)
     new_bar = token == bar_id
+    is_onset = _is_onset(token, onset_id, n)
     onset = jnp.where(is_onset, token - onset_id, jnp.where(new_bar, -1, carry["lock_onset"]))
     done = jnp.where(forced_pitch, carry["lock_onset"], carry["lock_done"])
     return dict(
@@ -476,11 +480,7 @@ class Sampler:
         lock = lock_ids = None
         if melody_lock is not None:
             melody_lock = melody_lock.padded(batch)
-            lock = {
-                "pitch": melody_lock.pitch.astype(np.int32),
-                "duration": melody_lock.duration.astype(np.int32),
-                "first_bar": melody_lock.first_bar.astype(np.int32),
-            }
+            lock = {k: getattr(melody_lock, k) for k in ("pitch", "duration", "first_bar")}
             lock_ids = (melody_lock.onset_id, melody_lock.instrument_id)
         out = _sample(
             self.graphdef,
