@@ -18,7 +18,10 @@ marginal ms per token over the last 10% of its steps (how per-token time grows w
 ``--official-steps N`` times only the official loop's last N steps before each length (its prompt
 extended with random tokens, the prompt pass untimed): the per-token rate at that length, for
 machines too slow or too busy to wait for whole official runs.
-Repeats alternate torch and JAX; the table shows medians. Torch runs with the faster of one
+``--product torch`` (or ``auto`` where fast-transformers is not installed, e.g. a GPU host without
+its compiled CUDA extension) runs the official loop's causal product in torch's own ops instead
+(the cumulative sum of outer products; the JSON records which). Repeats alternate torch and JAX;
+the table shows medians. Torch runs with the faster of one
 thread and its default (measured on a warm-up).
 
 CPU (default): a MuseCoco-200m-shaped model (512 wide, 8 heads, 6 layers, FFN 2048, vocab 1253),
@@ -66,15 +69,15 @@ def model_config(size: str, dtype: str):
 class OfficialLoop:
     """``generate_nucleus2`` at batch 1 with the HF port's recompute-per-step "cache" (SPEC 4.5)."""
 
-    def __init__(self, lm, dtype, device):
+    def __init__(self, lm, dtype, device, product: str = "fast_transformers"):
         import torch
+
+        from tests.reference.musecoco_torch import causal_product
 
         self.torch = torch
         self.lm = lm.to(device=device, dtype=dtype).eval()
         self.dtype, self.device = dtype, device
-        from fast_transformers.causal_product import causal_dot_product
-
-        self.product = causal_dot_product
+        self.product = causal_product(product)
 
     def attention(self, layer, cache, h_new):
         """Re-projects K/V over the cached inputs, zero-pads Q, full causal product, last row."""
@@ -158,7 +161,20 @@ def time_official(official, prompt, prefix, total: int, steps: int | None, gen, 
     }
 
 
-def build(size: str, dtype: str, torch_dtype, device):
+def official_product(choice: str) -> str:
+    """The official loop's causal product: fast-transformers' kernel (what the official code
+    calls), or with ``auto`` torch's own ops where fast-transformers is not installed (a GPU host
+    without its compiled CUDA extension)."""
+    if choice != "auto":
+        return choice
+    try:
+        import fast_transformers.causal_product  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "fast_transformers"
+
+
+def build(size: str, dtype: str, torch_dtype, device, product: str):
     import jax
     import numpy as np
     import torch
@@ -177,13 +193,13 @@ def build(size: str, dtype: str, torch_dtype, device):
     nnx.update(
         model, jax.tree.map(lambda a: a + 0.01 * jax.random.normal(next(keys), a.shape), adapters)
     )
-    lm = MuseCocoLM.from_config(cfg, product="fast_transformers")
+    lm = MuseCocoLM.from_config(cfg, product=product)
     weights = {
         k: torch.from_numpy(np.array(v, np.float32)) for k, v in to_hf_state_dict(model).items()
     }
     missing, unexpected = lm.load_state_dict(weights, strict=False)
     assert not unexpected and set(missing) <= {"decoder.embed_positions._float_tensor"}, missing
-    return model, OfficialLoop(lm, torch_dtype, device)
+    return model, OfficialLoop(lm, torch_dtype, device, product)
 
 
 def best_torch_threads(official, prompt, prefix) -> int:
@@ -231,7 +247,8 @@ def run(args) -> dict:
     dtype = "bfloat16" if gpu else "float32"
     device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
     torch_dtype = torch.bfloat16 if gpu else torch.float32
-    model, official = build(size, dtype, torch_dtype, device)
+    product = official_product(args.product)
+    model, official = build(size, dtype, torch_dtype, device, product)
     settings = SamplingSettings(top_k=TOP_K, eos_id=None, bar_id=None, bar_limit=None)
     sampler = Sampler(model, settings)
     rng = np.random.default_rng(0)
@@ -305,6 +322,7 @@ def run(args) -> dict:
         "prompt_vs_torch_max_abs_logit_diff": logits_diff,
         "size": size,
         "torch_threads": torch_threads,
+        "official_product": product,
     }
 
 
@@ -350,6 +368,12 @@ def main() -> None:
         type=int,
         default=None,
         help="time only the official loop's last N steps before each length (default: all)",
+    )
+    parser.add_argument(
+        "--product",
+        choices=["fast_transformers", "torch", "auto"],
+        default="fast_transformers",
+        help="the official loop's causal product (auto: torch's ops without fast-transformers)",
     )
     parser.add_argument("--gpu", action="store_true", help="paper-size model, bf16")
     parser.add_argument("--smoke", action="store_true", help="tiny model (code-path check)")
