@@ -184,11 +184,10 @@ class WithStyle(ModelFields):
         super().__init__(iterator, keys)
         self.style_of_example = style_of_example
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self.iterator)
-        fields = {k: batch[k] for k in self.keys}
-        fields["style"] = self.style_of_example[np.asarray(batch["example_id"])]
-        return fields
+    def fields(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = super().fields(batch)
+        out["style"] = self.style_of_example[np.asarray(batch["example_id"])]
+        return out
 
 
 def style_indices(pipe: Any, styles: tuple[str, ...]) -> np.ndarray:

@@ -31,7 +31,7 @@ import functools
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -604,7 +604,10 @@ class ModelFields:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self.iterator)
+        return self.fields(next(self.iterator))
+
+    def fields(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The step's fields of one pipeline batch (subclasses add derived ones)."""
         return {k: batch[k] for k in self.keys}
 
     def get_state(self) -> dict[str, Any]:
