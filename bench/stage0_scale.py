@@ -4,8 +4,8 @@ why and what would reach it").
 
 The CPU recipe's LM (4 layers x 192, 3 heads of 64, 2400 steps of batch 8) reaches 0.83
 teacher-forced accuracy on accompaniment pitches but stalls at 0.25 on the pitches of lead-sheet
-melody notes, and alone plays ~14% of the melody. This runs the same stage-0 program on a faster
-device for longer and wider:
+melody notes; the shipped model alone plays 14% of the melody. This runs the same stage-0
+program on a faster device for longer and wider:
 
 * ``prepare`` (CPU, needs the corpus's audio for the window boundaries): every training window of
   a BOSSA-mini corpus in all 12 transpositions of ``segment.draw_transposition``, as the stage-0
@@ -31,7 +31,8 @@ MuseCoco-200m shape of ``bench/sampling.py``), or ``LAYERSxWIDTHxHEADS``.
 Usage: .venv/bin/python bench/stage0_scale.py prepare --corpus RUN/corpus --out DATA.npz
        .venv/bin/python bench/stage0_scale.py probe --data DATA.npz --lm RUN/stage0-lm
        python bench/stage0_scale.py run --data DATA.npz --runs mini:12000:32 wide:6000:32:1e-3
-              [--evals 1000 2000 4000 ...] [--budget-s SECONDS] [--out JSON]
+              [--evals 1000 2000 4000 ...] [--budget-s SECONDS] [--set KEY=VALUE ...]
+              [--out JSON]
 Writes bench/results/stage0_scale.json (``--out``), rewritten after every probe.
 """
 
@@ -189,10 +190,11 @@ def _masks(length: np.ndarray, control_len: np.ndarray, max_tokens: int):
     return position < control_len[:, None], position >= length[:, None]
 
 
-def _config(size: str, steps: int, batch: int, lr: float | None):
+def _config(size: str, steps: int, batch: int, lr: float | None, extra: list[str]):
     from bossa_jax.config import load_config
 
     over = [
+        *extra,
         f"stage0.train.total_steps={steps}",
         f"stage0.train.global_batch_size={batch}",
         "stage0.train.compute_dtype=float32",
@@ -270,7 +272,7 @@ def generate_alone(model, data) -> dict:
     }
 
 
-def train_run(spec: str, data, evals: list[int], deadline: float, record) -> None:
+def train_run(spec: str, data, evals: list[int], deadline: float, record, extra: list[str]) -> None:
     import jax
     from flax import nnx
 
@@ -281,7 +283,7 @@ def train_run(spec: str, data, evals: list[int], deadline: float, record) -> Non
     size, steps, batch, *lr = spec.split(":")
     name = spec
     steps, batch = int(steps), int(batch)
-    cfg = _config(size, steps, batch, float(lr[0]) if lr else None)
+    cfg = _config(size, steps, batch, float(lr[0]) if lr else None, extra)
     mc = cfg.musecoco
     result = {
         "spec": spec,
@@ -291,6 +293,8 @@ def train_run(spec: str, data, evals: list[int], deadline: float, record) -> Non
         "steps_planned": steps,
         "batch": batch,
         "lr": cfg.stage0.train.optim.lr,
+        "min_lr": cfg.stage0.train.optim.min_lr,
+        "overrides": extra,
         "probes": [],
     }
     record(name, result)
@@ -394,7 +398,7 @@ def run(args) -> None:
         # each run may use what the earlier ones left of the budget, split evenly
         left = args.budget_s - (time.perf_counter() - start)
         deadline = time.perf_counter() + left / (len(args.runs) - i)
-        train_run(spec, data, args.evals, deadline, record)
+        train_run(spec, data, args.evals, deadline, record, args.set)
     print(f"wrote {out}")
 
 
@@ -418,6 +422,7 @@ def main() -> None:
         default=math.inf,
         help="wall clock of all runs' compiles and steps",
     )
+    r.add_argument("--set", nargs="*", default=[], help="config overrides for every run")
     r.add_argument("--out", default=str(RESULTS / "stage0_scale.json"))
     args = parser.parse_args()
     if args.command == "prepare":
