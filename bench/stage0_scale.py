@@ -63,20 +63,23 @@ GENERATION_WINDOWS = 12  # x meter-compatible styles, LM alone
 
 # --- prepare (CPU) ------------------------------------------------------------------------------
 def _windows(cfg, split: str) -> list[tuple[object, str]]:
+    """(window, song style) of every ``split`` window that fits the stage-2 sequence: the
+    recipe's window index (``pipeline.build_index`` over the audio's 50 Hz frames, as
+    ``stage1.load_split`` builds it for the mel front end)."""
     from bossa_jax import mel
-    from bossa_jax.data import readers
-    from bossa_jax.data.pipeline import fits_stage
-    from bossa_jax.symbolic import segment
+    from bossa_jax.data import pipeline, readers
 
     sources, _ = readers.manifest_sources(Path(cfg.data.data_dir) / "manifest.jsonl")
     records, _ = readers.read_songs(sources, split=split, require_audio=True)
-    out = []
-    for record in records:
-        frames = mel.audio_frames(record.audio)
-        for window in segment.segment_song(record.song, frames):
-            if fits_stage(window, 2, cfg.stage2.max_tokens):
-                out.append((window, record.style))
-    return out
+    frames = {r.id: mel.audio_frames(r.audio, cfg.encodec.sampling_rate) for r in records}
+    index = pipeline.build_index(
+        records, frames, clamp=cfg.data.clamp_clips, clip_length=cfg.audio.clip_frames
+    )
+    return [
+        (e.window, records[e.song_index].style)
+        for e in index.examples
+        if pipeline.fits_stage(e.window, 2, cfg.stage2.max_tokens)
+    ]
 
 
 def _melody_positions(ids, control, pad, leadsheet) -> tuple[np.ndarray, np.ndarray]:
@@ -84,8 +87,9 @@ def _melody_positions(ids, control, pad, leadsheet) -> tuple[np.ndarray, np.ndar
     the other (accompaniment) pitch tokens."""
     from bossa_jax.evaluate_style import melody_of, onset_pitch_set
     from bossa_jax.symbolic import remi
+    from bossa_jax.symbolic.notes import BAR
 
-    first_bar = int(np.asarray(leadsheet.events)[:, 0].min())
+    first_bar = int(np.asarray(leadsheet.events)[:, BAR].min())
     melody = {(b - first_bar, o, p) for b, o, p in onset_pitch_set(melody_of(leadsheet))}
     tokens = remi.to_strings(ids)
     mel, acc = [], []
@@ -107,6 +111,7 @@ def prepare(args) -> None:
     from bossa_jax.config import load_config
     from bossa_jax.data.pipeline import symbolic_sample
     from bossa_jax.symbolic import remi, segment
+    from bossa_jax.symbolic.notes import BAR
 
     cfg = load_config("bossa_mini", [f"data.data_dir={args.corpus}"])
     styles = list(cfg.stage0.styles)
@@ -134,22 +139,21 @@ def prepare(args) -> None:
             style.append(k)
 
     held = _windows(cfg, "validation")
-    # the same spread over styles as the stage-1/2 evals: the first windows of each song
+    # a fixed random subset of the held-out windows (all songs and styles)
     rng = np.random.default_rng(0)
     held = [held[i] for i in sorted(rng.permutation(len(held))[:MAX_EVAL_WINDOWS])]
-    ev_tokens, ev_control, ev_pad, mel_pos, acc_pos = [], [], [], [], []
+    ev_tokens, ev_pad, mel_pos, acc_pos = [], [], [], []
     gen_prompts, gen_style, gen_leadsheet, gen_offset = [], [], [], [0]
     for i, (window, song_style) in enumerate(held):
         ids, control, pad = sample(window, 0)
         ev_tokens.append(ids.astype(np.int16))
-        ev_control.append(control)
         ev_pad.append(pad)
         m, a = _melody_positions(ids, control, pad, window.leadsheet)
         mel_pos.append(np.stack([np.full_like(m, i), m], 1))
         acc_pos.append(np.stack([np.full_like(a, i), a], 1))
         if i < GENERATION_WINDOWS:
             events = np.asarray(window.leadsheet.events).copy()
-            events[:, 0] -= events[:, 0].min()
+            events[:, BAR] -= events[:, BAR].min()
             for k, name in enumerate(styles):
                 if (name == "waltz") != (song_style == "waltz"):
                     continue
@@ -168,7 +172,6 @@ def prepare(args) -> None:
         length=np.array(length, np.int32),
         style=np.array(style, np.int32),
         eval_tokens=np.stack(ev_tokens),
-        eval_control=np.stack(ev_control),
         eval_pad=np.stack(ev_pad),
         melody_positions=np.concatenate(mel_pos),
         accompaniment_positions=np.concatenate(acc_pos),
