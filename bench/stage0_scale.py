@@ -38,7 +38,6 @@ Writes bench/results/stage0_scale.json (``--out``), rewritten after every probe.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -165,22 +164,25 @@ def prepare(args) -> None:
                 gen_style.append(k)
                 gen_leadsheet.append(events)
                 gen_offset.append(gen_offset[-1] + len(events))
-    np.savez_compressed(
-        args.out,
-        tokens=np.stack(tokens),
-        control_len=np.array(control_len, np.int32),
-        length=np.array(length, np.int32),
-        style=np.array(style, np.int32),
-        eval_tokens=np.stack(ev_tokens),
-        eval_pad=np.stack(ev_pad),
-        melody_positions=np.concatenate(mel_pos),
-        accompaniment_positions=np.concatenate(acc_pos),
-        gen_prompts=np.stack(gen_prompts).astype(np.int16),
-        gen_style=np.array(gen_style, np.int32),
-        gen_leadsheet=np.concatenate(gen_leadsheet).astype(np.int32),
-        gen_offset=np.array(gen_offset, np.int64),
-        styles=np.array(styles),
-    )
+    from bossa_jax.outputs import atomic_output
+
+    with atomic_output(Path(args.out)) as tmp, open(tmp, "wb") as f:  # no half-written file
+        np.savez_compressed(
+            f,
+            tokens=np.stack(tokens),
+            control_len=np.array(control_len, np.int32),
+            length=np.array(length, np.int32),
+            style=np.array(style, np.int32),
+            eval_tokens=np.stack(ev_tokens),
+            eval_pad=np.stack(ev_pad),
+            melody_positions=np.concatenate(mel_pos),
+            accompaniment_positions=np.concatenate(acc_pos),
+            gen_prompts=np.stack(gen_prompts).astype(np.int16),
+            gen_style=np.array(gen_style, np.int32),
+            gen_leadsheet=np.concatenate(gen_leadsheet).astype(np.int32),
+            gen_offset=np.array(gen_offset, np.int64),
+            styles=np.array(styles),
+        )
     print(
         f"wrote {args.out}: {len(train)} train windows x {len(shifts)} transpositions, "
         f"{len(held)} held-out windows, {len(gen_prompts)} generation prompts"
@@ -191,6 +193,38 @@ def prepare(args) -> None:
 def _masks(length: np.ndarray, control_len: np.ndarray, max_tokens: int):
     position = np.arange(max_tokens)[None]
     return position < control_len[:, None], position >= length[:, None]
+
+
+def parse_run(spec: str) -> tuple[str, int, int, float | None]:
+    """``SIZE:STEPS:BATCH[:LR]`` -> (size, steps, batch, lr or None); a BossaError names a bad
+    one."""
+    from bossa_jax.errors import BossaError
+
+    parts = spec.split(":")
+    try:
+        size, steps, batch = parts[0], int(parts[1]), int(parts[2])
+        lr = float(parts[3]) if len(parts) == 4 else None
+        if len(parts) > 4 or steps < 1 or batch < 1:
+            raise ValueError
+        if size not in SIZES:
+            dims = [int(x) for x in size.split("x")]
+            if len(dims) != 3 or min(dims) < 1:
+                raise ValueError
+    except (IndexError, ValueError):
+        raise BossaError(
+            f"--runs {spec!r}: expected SIZE:STEPS:BATCH[:LR], SIZE one of {sorted(SIZES)} or "
+            "LAYERSxWIDTHxHEADS, positive STEPS and BATCH"
+        ) from None
+    return size, steps, batch, lr
+
+
+def load_data(path: str) -> dict[str, np.ndarray]:
+    from bossa_jax.errors import BossaError
+
+    try:
+        return dict(np.load(path))
+    except (OSError, ValueError) as err:
+        raise BossaError(f"--data {path}: cannot read it ({err}); make it with `prepare`") from None
 
 
 def _config(size: str, steps: int, batch: int, lr: float | None, extra: list[str]):
@@ -283,10 +317,9 @@ def train_run(spec: str, data, evals: list[int], deadline: float, record, extra:
     from bossa_jax.train import lm
     from bossa_jax.train.step import batch_shardings, replicated_key
 
-    size, steps, batch, *lr = spec.split(":")
+    size, steps, batch, lr = parse_run(spec)
     name = spec
-    steps, batch = int(steps), int(batch)
-    cfg = _config(size, steps, batch, float(lr[0]) if lr else None, extra)
+    cfg = _config(size, steps, batch, lr, extra)
     mc = cfg.musecoco
     result = {
         "spec": spec,
@@ -360,7 +393,7 @@ def probe(args) -> None:
 
     from bossa_jax.models.musecoco import load_musecoco
 
-    data = dict(np.load(args.data))
+    data = load_data(args.data)
     model = load_musecoco(args.lm)
     graphdef, params = nnx.split(model)
     result = {"lm": str(args.lm), **teacher_forced(make_probe(graphdef), params, data)}
@@ -378,7 +411,7 @@ def run(args) -> None:
 
     from bossa_jax.outputs import atomic_output
 
-    data = dict(np.load(args.data))
+    data = load_data(args.data)
     device = jax.devices()[0]
     out = Path(args.out)
     payload = {
@@ -405,8 +438,12 @@ def run(args) -> None:
     print(f"wrote {out}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str]) -> int:
+    from bossa_jax.cli import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="python bench/stage0_scale.py", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("--corpus", required=True)
@@ -427,15 +464,20 @@ def main() -> None:
     )
     r.add_argument("--set", nargs="*", default=[], help="config overrides for every run")
     r.add_argument("--out", default=str(RESULTS / "stage0_scale.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.command == "prepare":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         prepare(args)
     elif args.command == "probe":
         probe(args)
     else:
+        for spec in args.runs:  # every spec checked before the first run trains
+            parse_run(spec)
         run(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from bossa_jax.errors import run_cli
+
+    run_cli(main, sys.argv[1:])
